@@ -1,0 +1,14 @@
+//! A Viewstamped Replication replica carrying the `vsr` USDT probes, with its client, load
+//! generator support and deterministic simulator. See `../shared/vsr-notes.md` for the protocol
+//! and `docs/probes.md` for the probes.
+
+pub mod checksum;
+pub mod client;
+pub mod client_table;
+pub mod journal;
+pub mod kv;
+pub mod message;
+pub mod replica;
+pub mod simulator;
+pub mod storage;
+pub mod superblock;

@@ -1,0 +1,490 @@
+//! The wire format: a fixed 96-byte header with its own checksum, then a body with another.
+//!
+//! The header checksum is verified before any other field is trusted, so a corrupted `size`
+//! cannot make a reader allocate or skip garbage; the body checksum is verified before the body
+//! is parsed. Every check that fails maps to one `RejectReason`, which the replica counts.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use vsr_probes::{Command, RejectReason};
+
+use crate::checksum::{checksum, checksum_parts};
+
+pub const HEADER_SIZE: usize = 96;
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Bounds every allocation a peer can cause.
+pub const MESSAGE_SIZE_MAX: usize = 16 * 1024 * 1024;
+/// The `replica` field of messages sent by clients.
+pub const SENDER_CLIENT: u8 = u8::MAX;
+
+/// Status of a `Reply`, carried in the header's `aux` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ReplyStatus {
+    Ok = 0,
+    /// The replica is not the primary; `view` tells the client who is.
+    NotPrimary = 1,
+    /// The client's session was evicted (or never registered): it must start a new session.
+    SessionEvicted = 2,
+}
+
+impl ReplyStatus {
+    pub fn from_u64(value: u64) -> Option<Self> {
+        match value {
+            0 => Some(ReplyStatus::Ok),
+            1 => Some(ReplyStatus::NotPrimary),
+            2 => Some(ReplyStatus::SessionEvicted),
+            _ => None,
+        }
+    }
+}
+
+/// Header fields. Their meaning depends on `command`; see each constructor in `replica.rs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub checksum_body: u64,
+    pub cluster: u64,
+    pub size: u32,
+    pub command: Command,
+    pub replica: u8,
+    pub view: u64,
+    pub op: u64,
+    pub commit: u64,
+    pub client_id: u64,
+    pub request_number: u64,
+    pub context: u64,
+    pub parent: u64,
+    pub aux: u64,
+}
+
+impl Header {
+    pub fn new(command: Command, cluster: u64, replica: u8) -> Header {
+        Header {
+            checksum_body: 0,
+            cluster,
+            size: HEADER_SIZE as u32,
+            command,
+            replica,
+            view: 0,
+            op: 0,
+            commit: 0,
+            client_id: 0,
+            request_number: 0,
+            context: 0,
+            parent: 0,
+            aux: 0,
+        }
+    }
+
+    fn encode_into(&self, out: &mut [u8; HEADER_SIZE]) {
+        out[8..16].copy_from_slice(&self.checksum_body.to_le_bytes());
+        out[16..24].copy_from_slice(&self.cluster.to_le_bytes());
+        out[24..28].copy_from_slice(&self.size.to_le_bytes());
+        out[28..30].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        out[30] = self.command as u8;
+        out[31] = self.replica;
+        for (index, value) in [
+            self.view,
+            self.op,
+            self.commit,
+            self.client_id,
+            self.request_number,
+            self.context,
+            self.parent,
+            self.aux,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let start = 32 + index * 8;
+            out[start..start + 8].copy_from_slice(&value.to_le_bytes());
+        }
+        let header_checksum = checksum(&out[8..]);
+        out[0..8].copy_from_slice(&header_checksum.to_le_bytes());
+    }
+
+    /// Verifies the header checksum and the fields every message shares.
+    pub fn decode(bytes: &[u8; HEADER_SIZE], cluster: u64) -> Result<Header, RejectReason> {
+        let u64_at = |start: usize| u64::from_le_bytes(bytes[start..start + 8].try_into().unwrap());
+        if u64_at(0) != checksum(&bytes[8..]) {
+            return Err(RejectReason::HeaderChecksum);
+        }
+        let version = u16::from_le_bytes([bytes[28], bytes[29]]);
+        if version != PROTOCOL_VERSION {
+            return Err(RejectReason::BadVersion);
+        }
+        if u64_at(16) != cluster {
+            return Err(RejectReason::WrongCluster);
+        }
+        let command = Command::from_u8(bytes[30]).ok_or(RejectReason::UnknownCommand)?;
+        let size = u32::from_le_bytes(bytes[24..28].try_into().unwrap());
+        if (size as usize) < HEADER_SIZE || size as usize > MESSAGE_SIZE_MAX {
+            return Err(RejectReason::BadSize);
+        }
+        Ok(Header {
+            checksum_body: u64_at(8),
+            cluster: u64_at(16),
+            size,
+            command,
+            replica: bytes[31],
+            view: u64_at(32),
+            op: u64_at(40),
+            commit: u64_at(48),
+            client_id: u64_at(56),
+            request_number: u64_at(64),
+            context: u64_at(72),
+            parent: u64_at(80),
+            aux: u64_at(88),
+        })
+    }
+
+    pub fn body_size(&self) -> usize {
+        self.size as usize - HEADER_SIZE
+    }
+}
+
+/// A decoded, checksum-verified message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub header: Header,
+    pub body: Bytes,
+}
+
+impl Message {
+    pub fn new(mut header: Header, body: Bytes) -> Message {
+        header.size = (HEADER_SIZE + body.len()) as u32;
+        header.checksum_body = checksum(&body);
+        Message { header, body }
+    }
+
+    pub fn encode(&self) -> Bytes {
+        let mut header = [0u8; HEADER_SIZE];
+        self.header.encode_into(&mut header);
+        let mut out = BytesMut::with_capacity(HEADER_SIZE + self.body.len());
+        out.put_slice(&header);
+        out.put_slice(&self.body);
+        out.freeze()
+    }
+
+    /// Verifies the body against a header that `Header::decode` accepted.
+    pub fn from_parts(header: Header, body: Bytes) -> Result<Message, RejectReason> {
+        if body.len() != header.body_size() {
+            return Err(RejectReason::BadSize);
+        }
+        if checksum(&body) != header.checksum_body {
+            return Err(RejectReason::BodyChecksum);
+        }
+        Ok(Message { header, body })
+    }
+
+    /// Decodes one whole frame (header and body).
+    pub fn decode(frame: &[u8], cluster: u64) -> Result<Message, RejectReason> {
+        let header_bytes: &[u8; HEADER_SIZE] = frame
+            .get(..HEADER_SIZE)
+            .and_then(|bytes| bytes.try_into().ok())
+            .ok_or(RejectReason::BadSize)?;
+        let header = Header::decode(header_bytes, cluster)?;
+        Message::from_parts(header, Bytes::copy_from_slice(&frame[HEADER_SIZE..]))
+    }
+
+    /// Checks that need the cluster's shape: who may send this command, and field relations
+    /// that no correct sender produces.
+    pub fn validate(&self, replica_count: u8) -> Result<(), RejectReason> {
+        let header = &self.header;
+        let from_client = matches!(header.command, Command::Request);
+        if from_client {
+            if header.replica != SENDER_CLIENT {
+                return Err(RejectReason::UnknownReplica);
+            }
+            if header.request_number == 0 || header.client_id == 0 {
+                return Err(RejectReason::InvalidFields);
+            }
+            return Ok(());
+        }
+        if header.replica >= replica_count {
+            return Err(RejectReason::UnknownReplica);
+        }
+        let fields_valid = match header.command {
+            Command::Prepare => header.op > 0 && header.aux <= header.view,
+            Command::PrepareOk => header.op > 0,
+            Command::DoViewChange | Command::StartView | Command::RecoveryResponse => {
+                header.commit <= header.op
+            }
+            Command::Reply => false,
+            _ => true,
+        };
+        if fields_valid {
+            Ok(())
+        } else {
+            Err(RejectReason::InvalidFields)
+        }
+    }
+}
+
+/// A log entry: one op, holding a batch of client requests. Entries form a hash chain through
+/// `parent`, so an entry fetched from any peer can be verified against a later trusted one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub op: u64,
+    pub view: u64,
+    pub parent: u64,
+    pub checksum: u64,
+    pub body: Bytes,
+}
+
+impl Entry {
+    pub fn new(op: u64, view: u64, parent: u64, body: Bytes) -> Entry {
+        let checksum = Entry::compute_checksum(op, view, parent, &body);
+        Entry {
+            op,
+            view,
+            parent,
+            checksum,
+            body,
+        }
+    }
+
+    fn compute_checksum(op: u64, view: u64, parent: u64, body: &[u8]) -> u64 {
+        checksum_parts(&[
+            &op.to_le_bytes(),
+            &view.to_le_bytes(),
+            &parent.to_le_bytes(),
+            body,
+        ])
+    }
+
+    pub fn checksum_valid(&self) -> bool {
+        Entry::compute_checksum(self.op, self.view, self.parent, &self.body) == self.checksum
+    }
+
+    pub fn encoded_size(&self) -> usize {
+        ENTRY_PREFIX_SIZE + self.body.len()
+    }
+}
+
+const ENTRY_PREFIX_SIZE: usize = 36;
+
+pub fn encode_entries(entries: &[&Entry]) -> Bytes {
+    let size = 4 + entries.iter().map(|entry| entry.encoded_size()).sum::<usize>();
+    let mut out = BytesMut::with_capacity(size);
+    out.put_u32_le(entries.len() as u32);
+    for entry in entries {
+        out.put_u64_le(entry.op);
+        out.put_u64_le(entry.view);
+        out.put_u64_le(entry.parent);
+        out.put_u64_le(entry.checksum);
+        out.put_u32_le(entry.body.len() as u32);
+        out.put_slice(&entry.body);
+    }
+    out.freeze()
+}
+
+/// Decodes a list of entries, verifying each entry's checksum and that ops strictly increase.
+pub fn decode_entries(body: &Bytes) -> Result<Vec<Entry>, RejectReason> {
+    let mut reader = Reader::new(body);
+    let count = reader.u32()? as usize;
+    // Each entry takes at least its prefix, so a lying count cannot force a big allocation.
+    if count > body.len() / ENTRY_PREFIX_SIZE {
+        return Err(RejectReason::InvalidFields);
+    }
+    let mut entries: Vec<Entry> = Vec::with_capacity(count);
+    for _ in 0..count {
+        let op = reader.u64()?;
+        let view = reader.u64()?;
+        let parent = reader.u64()?;
+        let checksum = reader.u64()?;
+        let length = reader.u32()? as usize;
+        let entry = Entry {
+            op,
+            view,
+            parent,
+            checksum,
+            body: reader.bytes(length)?,
+        };
+        if !entry.checksum_valid() {
+            return Err(RejectReason::EntryChecksum);
+        }
+        if entries.last().is_some_and(|last| last.op >= entry.op) {
+            return Err(RejectReason::InvalidFields);
+        }
+        entries.push(entry);
+    }
+    reader.finish()?;
+    Ok(entries)
+}
+
+/// One client request inside an entry's batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchedRequest {
+    pub client_id: u64,
+    pub request_number: u64,
+    pub operation: Bytes,
+}
+
+const BATCHED_REQUEST_PREFIX_SIZE: usize = 20;
+
+pub fn encode_batch(requests: &[BatchedRequest]) -> Bytes {
+    let size = 4 + requests
+        .iter()
+        .map(|request| BATCHED_REQUEST_PREFIX_SIZE + request.operation.len())
+        .sum::<usize>();
+    let mut out = BytesMut::with_capacity(size);
+    out.put_u32_le(requests.len() as u32);
+    for request in requests {
+        out.put_u64_le(request.client_id);
+        out.put_u64_le(request.request_number);
+        out.put_u32_le(request.operation.len() as u32);
+        out.put_slice(&request.operation);
+    }
+    out.freeze()
+}
+
+pub fn decode_batch(body: &Bytes) -> Result<Vec<BatchedRequest>, RejectReason> {
+    let mut reader = Reader::new(body);
+    let count = reader.u32()? as usize;
+    if count > body.len() / BATCHED_REQUEST_PREFIX_SIZE {
+        return Err(RejectReason::InvalidFields);
+    }
+    let mut requests = Vec::with_capacity(count);
+    for _ in 0..count {
+        let client_id = reader.u64()?;
+        let request_number = reader.u64()?;
+        let length = reader.u32()? as usize;
+        requests.push(BatchedRequest {
+            client_id,
+            request_number,
+            operation: reader.bytes(length)?,
+        });
+    }
+    reader.finish()?;
+    Ok(requests)
+}
+
+/// Bounds-checked little-endian reads from a body; every overrun is `InvalidFields`.
+#[derive(Debug)]
+pub struct Reader<'a> {
+    bytes: &'a Bytes,
+    position: usize,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(bytes: &'a Bytes) -> Reader<'a> {
+        Reader { bytes, position: 0 }
+    }
+
+    fn take(&mut self, length: usize) -> Result<&'a [u8], RejectReason> {
+        let end = self
+            .position
+            .checked_add(length)
+            .filter(|end| *end <= self.bytes.len())
+            .ok_or(RejectReason::InvalidFields)?;
+        let slice = &self.bytes[self.position..end];
+        self.position = end;
+        Ok(slice)
+    }
+
+    pub fn u8(&mut self) -> Result<u8, RejectReason> {
+        Ok(self.take(1)?[0])
+    }
+
+    pub fn u32(&mut self) -> Result<u32, RejectReason> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+
+    pub fn u64(&mut self) -> Result<u64, RejectReason> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+
+    pub fn bytes(&mut self, length: usize) -> Result<Bytes, RejectReason> {
+        let start = self.position;
+        self.take(length)?;
+        Ok(self.bytes.slice(start..start + length))
+    }
+
+    pub fn finish(self) -> Result<(), RejectReason> {
+        if self.position == self.bytes.len() {
+            Ok(())
+        } else {
+            Err(RejectReason::InvalidFields)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLUSTER: u64 = 7;
+
+    fn prepare() -> Message {
+        let entry = Entry::new(5, 2, 99, Bytes::from_static(b"batch"));
+        let mut header = Header::new(Command::Prepare, CLUSTER, 1);
+        header.view = 2;
+        header.op = entry.op;
+        header.aux = entry.view;
+        header.context = entry.checksum;
+        header.parent = entry.parent;
+        Message::new(header, entry.body)
+    }
+
+    #[test]
+    fn round_trip() {
+        let message = prepare();
+        let decoded = Message::decode(&message.encode(), CLUSTER).unwrap();
+        assert_eq!(decoded, message);
+        assert_eq!(decoded.validate(3), Ok(()));
+    }
+
+    #[test]
+    fn every_single_bit_flip_is_rejected() {
+        let frame = prepare().encode();
+        for bit in 0..frame.len() * 8 {
+            let mut corrupted = frame.to_vec();
+            corrupted[bit / 8] ^= 1 << (bit % 8);
+            assert!(Message::decode(&corrupted, CLUSTER).is_err(), "bit {bit}");
+        }
+    }
+
+    #[test]
+    fn rejections_name_their_reason() {
+        let message = prepare();
+        assert_eq!(
+            Message::decode(&message.encode(), CLUSTER + 1),
+            Err(RejectReason::WrongCluster)
+        );
+        assert_eq!(
+            Message::decode(&message.encode()[..50], CLUSTER),
+            Err(RejectReason::BadSize)
+        );
+        let mut from_stranger = message.clone();
+        from_stranger.header.replica = 9;
+        assert_eq!(from_stranger.validate(3), Err(RejectReason::UnknownReplica));
+        let mut impossible = message;
+        impossible.header.aux = impossible.header.view + 1;
+        assert_eq!(impossible.validate(3), Err(RejectReason::InvalidFields));
+    }
+
+    #[test]
+    fn entries_and_batches_round_trip_and_reject_truncation() {
+        let first = Entry::new(1, 0, 0, Bytes::from_static(b"a"));
+        let second = Entry::new(2, 0, first.checksum, Bytes::from_static(b"bc"));
+        let encoded = encode_entries(&[&first, &second]);
+        assert_eq!(decode_entries(&encoded).unwrap(), vec![first, second]);
+        assert!(decode_entries(&encoded.slice(..encoded.len() - 1)).is_err());
+
+        let batch = vec![BatchedRequest {
+            client_id: 3,
+            request_number: 4,
+            operation: Bytes::from_static(b"put"),
+        }];
+        let encoded = encode_batch(&batch);
+        assert_eq!(decode_batch(&encoded).unwrap(), batch);
+        assert!(decode_batch(&encoded.slice(..encoded.len() - 1)).is_err());
+    }
+
+    #[test]
+    fn lying_counts_do_not_allocate() {
+        let body = Bytes::from_static(&[0xff, 0xff, 0xff, 0xff]);
+        assert_eq!(decode_entries(&body), Err(RejectReason::InvalidFields));
+        assert_eq!(decode_batch(&body), Err(RejectReason::InvalidFields));
+    }
+}
