@@ -14,7 +14,7 @@ mod codes;
 mod snapshot;
 
 pub use codes::{
-    Command, Component, ReplicaStatus, RejectReason, RepairStatus, ViewChangeReason, PEER_CLIENT,
+    Command, Component, PEER_CLIENT, RejectReason, RepairStatus, ReplicaStatus, ViewChangeReason,
 };
 pub use snapshot::{ReplicaSnapshot, SNAPSHOT_VERSION};
 

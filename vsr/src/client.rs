@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use vsr_probes::Command;
 
-use crate::message::{Header, Message, ReplyStatus, SENDER_CLIENT};
+use crate::message::{Header, Message, REGISTER_REQUEST_NUMBER, ReplyStatus, SENDER_CLIENT};
 
 #[derive(Debug)]
 pub struct Client {
@@ -59,8 +59,23 @@ impl Client {
         self.pending.is_some()
     }
 
+    pub fn is_registered(&self) -> bool {
+        self.request_number >= REGISTER_REQUEST_NUMBER
+    }
+
+    /// Starts the session: request number 1, no operation.
+    pub fn register(&mut self) -> Bytes {
+        assert!(!self.is_registered());
+        self.send(Bytes::new())
+    }
+
     /// Starts the next request; returns the frame to send to `target()`.
     pub fn request(&mut self, operation: Bytes) -> Bytes {
+        assert!(self.is_registered(), "register the session first");
+        self.send(operation)
+    }
+
+    fn send(&mut self, operation: Bytes) -> Bytes {
         assert!(self.pending.is_none(), "one request in flight per session");
         self.request_number += 1;
         let mut header = Header::new(Command::Request, self.cluster, SENDER_CLIENT);
@@ -111,7 +126,9 @@ impl Client {
             }
             Some(ReplyStatus::NotPrimary) => {
                 self.target = (header.view % u64::from(self.replica_count)) as u8;
-                ReplyOutcome::Redirect { target: self.target }
+                ReplyOutcome::Redirect {
+                    target: self.target,
+                }
             }
             Some(ReplyStatus::SessionEvicted) => {
                 self.pending = None;

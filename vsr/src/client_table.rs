@@ -20,7 +20,7 @@ pub struct Session {
 /// What the table says about a request arriving or executing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup<'a> {
-    /// A new request from a live session, or the first request (number 1) of a new client.
+    /// A new request from a live session, or the registration (number 1) of a new client.
     New,
     /// Already executed: here is the reply.
     Executed(&'a Session),
@@ -60,7 +60,13 @@ impl ClientTable {
     }
 
     /// Records an executed request; returns the client evicted to make room, if any.
-    pub fn record(&mut self, client_id: u64, request_number: u64, op: u64, reply: Bytes) -> Option<u64> {
+    pub fn record(
+        &mut self,
+        client_id: u64,
+        request_number: u64,
+        op: u64,
+        reply: Bytes,
+    ) -> Option<u64> {
         self.sequence += 1;
         let session = Session {
             request_number,
@@ -103,7 +109,9 @@ mod tests {
         assert_eq!(table.lookup(1, 1), Lookup::New);
         table.record(1, 1, 10, Bytes::from_static(b"r1"));
         match table.lookup(1, 1) {
-            Lookup::Executed(session) => assert_eq!((session.op, &session.reply[..]), (10, &b"r1"[..])),
+            Lookup::Executed(session) => {
+                assert_eq!((session.op, &session.reply[..]), (10, &b"r1"[..]))
+            }
             other => panic!("{other:?}"),
         }
         assert_eq!(table.lookup(1, 2), Lookup::New);

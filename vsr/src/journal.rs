@@ -193,7 +193,10 @@ impl Journal {
             let pending_end = pending_start + body.len();
             body.copy_from_slice(&self.pending[pending_start..pending_end]);
         } else if !read_exact_at(storage, Zone::Journal, start, &mut body)? {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "journal record truncated"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "journal record truncated",
+            ));
         }
         Ok(Entry {
             op: header.op,
@@ -208,7 +211,8 @@ impl Journal {
         let start = self.pending.len();
         self.pending.put_slice(&header.encode());
         self.pending.put_slice(body);
-        self.pending.resize(start + header.record_size() as usize, 0);
+        self.pending
+            .resize(start + header.record_size() as usize, 0);
         self.pending_records += 1;
         self.durable_end + start as u64
     }
@@ -240,7 +244,10 @@ impl Journal {
             entry_checksum: 0,
             body_size: 0,
         };
-        assert!(op > 0, "truncating the whole log never happens: op 0 is the root");
+        assert!(
+            op > 0,
+            "truncating the whole log never happens: op 0 is the root"
+        );
         self.push_record(&header, &[]);
         self.truncate_index(op);
     }
@@ -266,7 +273,11 @@ impl Journal {
         Ok(stats)
     }
 
-    pub fn read(&self, storage: &mut impl Storage, op: u64) -> io::Result<Result<Entry, ReadError>> {
+    pub fn read(
+        &self,
+        storage: &mut impl Storage,
+        op: u64,
+    ) -> io::Result<Result<Entry, ReadError>> {
         let offset = match self.offsets.get((op.wrapping_sub(1)) as usize) {
             Some(offset) if *offset != OFFSET_NONE && op > 0 => *offset,
             _ => return Ok(Err(ReadError::Missing)),
@@ -278,11 +289,16 @@ impl Journal {
         } else {
             read_exact_at(storage, Zone::Journal, offset, &mut header_bytes)?;
         }
-        let Some(header) = RecordHeader::decode(&header_bytes).filter(|header| header.op == op) else {
+        let Some(header) = RecordHeader::decode(&header_bytes).filter(|header| header.op == op)
+        else {
             return Ok(Err(ReadError::Corrupt));
         };
         let entry = self.read_record(storage, offset, &header)?;
-        Ok(if entry.checksum_valid() { Ok(entry) } else { Err(ReadError::Corrupt) })
+        Ok(if entry.checksum_valid() {
+            Ok(entry)
+        } else {
+            Err(ReadError::Corrupt)
+        })
     }
 
     /// Highest op with a record (valid or not yet repaired).
@@ -291,7 +307,10 @@ impl Journal {
     }
 
     pub fn entry_count(&self) -> u64 {
-        self.offsets.iter().filter(|offset| **offset != OFFSET_NONE).count() as u64
+        self.offsets
+            .iter()
+            .filter(|offset| **offset != OFFSET_NONE)
+            .count() as u64
     }
 
     pub fn size_bytes(&self) -> u64 {
@@ -327,7 +346,10 @@ mod tests {
         for entry in &entries {
             journal.append(entry);
         }
-        assert_eq!(journal.read(&mut storage, 3).unwrap(), Ok(entries[2].clone()));
+        assert_eq!(
+            journal.read(&mut storage, 3).unwrap(),
+            Ok(entries[2].clone())
+        );
         journal.flush(&mut storage).unwrap();
         journal.truncate(3);
         journal.flush(&mut storage).unwrap();
@@ -335,9 +357,15 @@ mod tests {
         assert_eq!(scan, JournalScan::default());
         assert_eq!(journal.op_max(), 3);
         for entry in &entries[..3] {
-            assert_eq!(journal.read(&mut storage, entry.op).unwrap(), Ok(entry.clone()));
+            assert_eq!(
+                journal.read(&mut storage, entry.op).unwrap(),
+                Ok(entry.clone())
+            );
         }
-        assert_eq!(journal.read(&mut storage, 4).unwrap(), Err(ReadError::Missing));
+        assert_eq!(
+            journal.read(&mut storage, 4).unwrap(),
+            Err(ReadError::Missing)
+        );
     }
 
     #[test]
@@ -349,7 +377,13 @@ mod tests {
         journal.flush(&mut storage).unwrap();
         journal.append(&entries[1]);
         let pending = journal.pending.clone();
-        storage.write_at(Zone::Journal, journal.durable_end, &pending[..pending.len() / 2]).unwrap();
+        storage
+            .write_at(
+                Zone::Journal,
+                journal.durable_end,
+                &pending[..pending.len() / 2],
+            )
+            .unwrap();
         storage.crash_keep_torn_writes();
         let (mut journal, scan) = reopen(&mut storage);
         assert_eq!(journal.op_max(), 1);
@@ -357,7 +391,10 @@ mod tests {
         journal.append(&entries[1]);
         journal.flush(&mut storage).unwrap();
         let (journal, _) = reopen(&mut storage);
-        assert_eq!(journal.read(&mut storage, 2).unwrap(), Ok(entries[1].clone()));
+        assert_eq!(
+            journal.read(&mut storage, 2).unwrap(),
+            Ok(entries[1].clone())
+        );
     }
 
     #[test]
@@ -376,12 +413,18 @@ mod tests {
             let (journal, scan) = reopen(&mut storage);
             let lost: Vec<u64> = entries
                 .iter()
-                .filter(|entry| journal.read(&mut storage, entry.op).unwrap() != Ok((*entry).clone()))
+                .filter(|entry| {
+                    journal.read(&mut storage, entry.op).unwrap() != Ok((*entry).clone())
+                })
                 .map(|entry| entry.op)
                 .collect();
             assert_eq!(lost.len(), 1, "byte {byte}: lost {lost:?}");
             let reported = scan.corrupt_ops.contains(&lost[0]) || scan.corrupt_headers > 0;
-            assert!(reported, "byte {byte}: corruption of op {} not reported", lost[0]);
+            assert!(
+                reported,
+                "byte {byte}: corruption of op {} not reported",
+                lost[0]
+            );
         }
     }
 }

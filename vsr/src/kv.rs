@@ -92,7 +92,9 @@ pub struct KvStore {
 impl KvStore {
     pub fn execute(&mut self, operation: &Bytes) -> OperationResult {
         match Operation::decode(operation) {
-            Some(Operation::Put { key, value }) => OperationResult::Value(self.map.insert(key, value)),
+            Some(Operation::Put { key, value }) => {
+                OperationResult::Value(self.map.insert(key, value))
+            }
             Some(Operation::Get { key }) => OperationResult::Value(self.map.get(&key).cloned()),
             Some(Operation::Delete { key }) => OperationResult::Value(self.map.remove(&key)),
             None => OperationResult::Invalid,
@@ -119,14 +121,25 @@ mod tests {
     #[test]
     fn put_get_delete() {
         let mut store = KvStore::default();
-        let put = Operation::Put { key: key("k"), value: key("v1") }.encode();
+        let put = Operation::Put {
+            key: key("k"),
+            value: key("v1"),
+        }
+        .encode();
         assert_eq!(store.execute(&put), OperationResult::Value(None));
-        let put = Operation::Put { key: key("k"), value: key("v2") }.encode();
+        let put = Operation::Put {
+            key: key("k"),
+            value: key("v2"),
+        }
+        .encode();
         assert_eq!(store.execute(&put), OperationResult::Value(Some(key("v1"))));
         let get = Operation::Get { key: key("k") }.encode();
         assert_eq!(store.execute(&get), OperationResult::Value(Some(key("v2"))));
         let delete = Operation::Delete { key: key("k") }.encode();
-        assert_eq!(store.execute(&delete), OperationResult::Value(Some(key("v2"))));
+        assert_eq!(
+            store.execute(&delete),
+            OperationResult::Value(Some(key("v2")))
+        );
         assert_eq!(store.execute(&get), OperationResult::Value(None));
     }
 
@@ -134,7 +147,10 @@ mod tests {
     fn malformed_operations_are_invalid_not_panics() {
         let mut store = KvStore::default();
         for bytes in [&b""[..], &[9], &[1, 255, 255], &[2, 1, 0, b'k', b'x']] {
-            assert_eq!(store.execute(&Bytes::copy_from_slice(bytes)), OperationResult::Invalid);
+            assert_eq!(
+                store.execute(&Bytes::copy_from_slice(bytes)),
+                OperationResult::Invalid
+            );
         }
         assert!(store.is_empty());
     }

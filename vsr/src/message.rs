@@ -15,6 +15,8 @@ pub const PROTOCOL_VERSION: u16 = 1;
 pub const MESSAGE_SIZE_MAX: usize = 16 * 1024 * 1024;
 /// The `replica` field of messages sent by clients.
 pub const SENDER_CLIENT: u8 = u8::MAX;
+/// A client's first request registers its session and carries no operation.
+pub const REGISTER_REQUEST_NUMBER: u64 = 1;
 
 /// Status of a `Reply`, carried in the header's `aux` field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,7 +197,9 @@ impl Message {
             if header.replica != SENDER_CLIENT {
                 return Err(RejectReason::UnknownReplica);
             }
-            if header.request_number == 0 || header.client_id == 0 {
+            let register_has_body =
+                header.request_number == REGISTER_REQUEST_NUMBER && !self.body.is_empty();
+            if header.request_number == 0 || header.client_id == 0 || register_has_body {
                 return Err(RejectReason::InvalidFields);
             }
             return Ok(());
@@ -264,7 +268,10 @@ impl Entry {
 const ENTRY_PREFIX_SIZE: usize = 36;
 
 pub fn encode_entries(entries: &[&Entry]) -> Bytes {
-    let size = 4 + entries.iter().map(|entry| entry.encoded_size()).sum::<usize>();
+    let size = 4 + entries
+        .iter()
+        .map(|entry| entry.encoded_size())
+        .sum::<usize>();
     let mut out = BytesMut::with_capacity(size);
     out.put_u32_le(entries.len() as u32);
     for entry in entries {

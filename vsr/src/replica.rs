@@ -24,8 +24,8 @@ use crate::client_table::{ClientTable, Lookup};
 use crate::journal::{Journal, ReadError};
 use crate::kv::{KvStore, OperationResult};
 use crate::message::{
-    BatchedRequest, Entry, Header, Message, ReplyStatus, SENDER_CLIENT, decode_batch,
-    decode_entries, encode_batch, encode_entries,
+    BatchedRequest, Entry, Header, Message, REGISTER_REQUEST_NUMBER, ReplyStatus, SENDER_CLIENT,
+    decode_batch, decode_entries, encode_batch, encode_entries,
 };
 use crate::storage::Storage;
 use crate::superblock::{self, SuperblockError, SuperblockState};
@@ -383,7 +383,26 @@ impl<S: Storage> Replica<S> {
     }
 
     pub fn is_primary(&self) -> bool {
-        self.status == ReplicaStatus::Normal && self.config.primary_of(self.view) == self.config.replica
+        self.status == ReplicaStatus::Normal
+            && self.config.primary_of(self.view) == self.config.replica
+    }
+
+    /// Protocol state in one line, for simulator failures and logs.
+    pub fn describe(&self) -> String {
+        format!(
+            "{:?} view {} log_view {} op {} commit {} commit_max {} chain_low {} entries {:?}..{:?} candidates {} repairs {:?}",
+            self.status,
+            self.view,
+            self.log_view,
+            self.op,
+            self.commit,
+            self.commit_max,
+            self.chain_low,
+            self.entries.keys().next(),
+            self.entries.keys().next_back(),
+            self.candidates.len(),
+            self.repairs.keys().take(4).collect::<Vec<_>>(),
+        )
     }
 
     pub fn storage_mut(&mut self) -> &mut S {
@@ -485,17 +504,22 @@ impl<S: Storage> Replica<S> {
         match self.status {
             ReplicaStatus::Normal if self.is_primary() => self.on_primary_tick(now_ns),
             ReplicaStatus::Normal => {
-                if now_ns.saturating_sub(self.last_heard_primary_ns) > self.config.view_change_timeout_ns {
+                if now_ns.saturating_sub(self.last_heard_primary_ns)
+                    > self.config.view_change_timeout_ns
+                {
                     self.start_view_change(now_ns, self.view + 1, ViewChangeReason::PrimaryTimeout);
                 }
             }
             ReplicaStatus::ViewChange => self.on_view_change_tick(now_ns),
             ReplicaStatus::Recovering => {
-                if now_ns.saturating_sub(self.recovery_last_sent_ns) > self.config.retry_interval_ns {
+                if now_ns.saturating_sub(self.recovery_last_sent_ns) > self.config.retry_interval_ns
+                {
                     self.send_recovery(now_ns);
                 }
             }
-            ReplicaStatus::StateTransfer => unreachable!("state transfer is not a status this replica enters"),
+            ReplicaStatus::StateTransfer => {
+                unreachable!("state transfer is not a status this replica enters")
+            }
         }
         self.on_repair_tick(now_ns);
         if now_ns >= self.next_snapshot_ns {
@@ -518,7 +542,12 @@ impl<S: Storage> Replica<S> {
             let stats = self.journal.flush(&mut self.storage)?;
             let replica_id = self.config.replica;
             probe::journal_write(|| {
-                (replica_id, stats.records, stats.bytes, started.elapsed().as_nanos() as u64)
+                (
+                    replica_id,
+                    stats.records,
+                    stats.bytes,
+                    started.elapsed().as_nanos() as u64,
+                )
             });
         }
         if self.superblock_dirty {
@@ -541,7 +570,13 @@ impl<S: Storage> Replica<S> {
             return;
         }
         if !self.is_primary() {
-            return self.send_reply(connection, &header, 0, ReplyStatus::NotPrimary, Bytes::new());
+            return self.send_reply(
+                connection,
+                &header,
+                0,
+                ReplyStatus::NotPrimary,
+                Bytes::new(),
+            );
         }
         let (client_id, request_number) = (header.client_id, header.request_number);
         match self.client_table.lookup(client_id, request_number) {
@@ -552,7 +587,13 @@ impl<S: Storage> Replica<S> {
             }
             Lookup::Stale => return,
             Lookup::Evicted => {
-                return self.send_reply(connection, &header, 0, ReplyStatus::SessionEvicted, Bytes::new());
+                return self.send_reply(
+                    connection,
+                    &header,
+                    0,
+                    ReplyStatus::SessionEvicted,
+                    Bytes::new(),
+                );
             }
             Lookup::New => {}
         }
@@ -605,9 +646,19 @@ impl<S: Storage> Replica<S> {
                 self.queued_bytes -= queued.request.operation.len();
                 batch.push(self.request_queue.pop_front().unwrap().request);
             }
-            let entry = Entry::new(self.op + 1, self.view, self.head_checksum, encode_batch(&batch));
-            let (replica_id, view, op, requests, bytes) =
-                (self.config.replica, self.view, entry.op, batch.len() as u32, entry.body.len() as u32);
+            let entry = Entry::new(
+                self.op + 1,
+                self.view,
+                self.head_checksum,
+                encode_batch(&batch),
+            );
+            let (replica_id, view, op, requests, bytes) = (
+                self.config.replica,
+                self.view,
+                entry.op,
+                batch.len() as u32,
+                entry.body.len() as u32,
+            );
             probe::prepare_send(|| (replica_id, view, op, requests, bytes));
             self.append(entry.clone());
             self.votes.insert(
@@ -641,7 +692,11 @@ impl<S: Storage> Replica<S> {
     /// Appends a verified entry at the head of the chain and journals it.
     fn append(&mut self, entry: Entry) {
         assert_eq!(entry.op, self.op + 1);
-        assert_eq!(entry.parent, self.head_checksum, "hash chain broken at op {}", entry.op);
+        assert_eq!(
+            entry.parent, self.head_checksum,
+            "hash chain broken at op {}",
+            entry.op
+        );
         self.journal.append(&entry);
         self.op = entry.op;
         self.head_checksum = entry.checksum;
@@ -660,7 +715,8 @@ impl<S: Storage> Replica<S> {
         if !entry.checksum_valid() {
             return Err(RejectReason::EntryChecksum);
         }
-        let from_primary = from == self.config.primary_of(header.view) && from != self.config.replica;
+        let from_primary =
+            from == self.config.primary_of(header.view) && from != self.config.replica;
         if header.view > self.view && from_primary && self.status != ReplicaStatus::Recovering {
             self.request_start_view(header.view, from);
             return Ok(());
@@ -676,11 +732,17 @@ impl<S: Storage> Replica<S> {
                 self.append(entry);
                 self.send_prepare_oks(op, op);
             } else if entry.op > self.op {
-                self.install_head(now_ns, vec![entry], header.commit);
+                self.install_head(now_ns, entry.op, entry.checksum, vec![entry]);
             } else if let Some(existing) = self.entries.get(&entry.op) {
                 // A retransmission: our PrepareOk was probably lost.
                 if existing.checksum == entry.checksum && self.chain_low <= self.commit {
                     self.send_prepare_oks(entry.op, entry.op);
+                }
+            } else if entry.op <= self.commit {
+                // Executed here already (we learned the commit before this primary did).
+                let executed = self.journal.read(&mut self.storage, entry.op);
+                if matches!(executed, Ok(Ok(ref ours)) if ours.checksum == entry.checksum) {
+                    self.send_prepare_ok(entry.op, entry.checksum);
                 }
             } else {
                 self.accept_repair(entry);
@@ -695,31 +757,45 @@ impl<S: Storage> Replica<S> {
 
     /// A backup acknowledges `(from..=to)` if it holds every op up to them.
     fn send_prepare_oks(&mut self, from: u64, to: u64) {
-        if self.is_primary() || self.chain_low > self.commit || self.status != ReplicaStatus::Normal {
+        if self.is_primary() || self.chain_low > self.commit || self.status != ReplicaStatus::Normal
+        {
             return;
         }
-        let primary = self.config.primary_of(self.view);
         for op in from.max(self.commit + 1)..=to {
-            let Some(entry) = self.entries.get(&op) else { continue };
-            let mut header = self.header(Command::PrepareOk);
-            header.op = op;
-            header.context = entry.checksum;
-            self.send(Destination::Replica(primary), Message::new(header, Bytes::new()));
+            let Some(checksum) = self.entries.get(&op).map(|entry| entry.checksum) else {
+                continue;
+            };
+            self.send_prepare_ok(op, checksum);
         }
+    }
+
+    fn send_prepare_ok(&mut self, op: u64, checksum: u64) {
+        let mut header = self.header(Command::PrepareOk);
+        header.op = op;
+        header.context = checksum;
+        let primary = self.config.primary_of(self.view);
+        self.send(
+            Destination::Replica(primary),
+            Message::new(header, Bytes::new()),
+        );
     }
 
     fn on_prepare_ok(&mut self, now_ns: u64, header: &Header) {
         if header.view != self.view || !self.is_primary() {
             return;
         }
-        let Some(entry) = self.entries.get(&header.op) else { return };
+        let Some(entry) = self.entries.get(&header.op) else {
+            return;
+        };
         if entry.checksum != header.context {
             return;
         }
         if header.op == self.op {
             self.newest_op_voters |= 1 << header.replica;
         }
-        let Some(votes) = self.votes.get_mut(&header.op) else { return };
+        let Some(votes) = self.votes.get_mut(&header.op) else {
+            return;
+        };
         votes.replicas |= 1 << header.replica;
         let count = votes.replicas.count_ones();
         if count as usize >= self.config.quorum() && votes.quorum_ns.is_none() {
@@ -739,12 +815,16 @@ impl<S: Storage> Replica<S> {
                 _ if op <= self.commit_max => None,
                 Some(votes) => match votes.quorum_ns {
                     Some(quorum_ns) => Some(quorum_ns),
-                    None if votes.replicas.count_ones() as usize >= self.config.quorum() => Some(now_ns),
+                    None if votes.replicas.count_ones() as usize >= self.config.quorum() => {
+                        Some(now_ns)
+                    }
                     None => break,
                 },
                 None => break,
             };
-            let Some(entry) = self.entries.remove(&op) else { break };
+            let Some(entry) = self.entries.remove(&op) else {
+                break;
+            };
             self.execute(&entry, now_ns);
             self.votes.remove(&op);
             self.commit_max = self.commit_max.max(op);
@@ -778,7 +858,9 @@ impl<S: Storage> Replica<S> {
             return self.commit_primary(now_ns);
         }
         while self.commit < self.commit_max.min(self.op) {
-            let Some(entry) = self.entries.remove(&(self.commit + 1)) else { break };
+            let Some(entry) = self.entries.remove(&(self.commit + 1)) else {
+                break;
+            };
             self.execute(&entry, now_ns);
         }
         self.chain_low = self.chain_low.max(self.commit);
@@ -790,7 +872,10 @@ impl<S: Storage> Replica<S> {
         assert_eq!(entry.op, self.commit + 1, "ops execute in order, once");
         let replica_id = self.config.replica;
         let requests = decode_batch(&entry.body).unwrap_or_else(|_| {
-            panic!("op {} passed its checksum but its batch does not decode", entry.op)
+            panic!(
+                "op {} passed its checksum but its batch does not decode",
+                entry.op
+            )
         });
         let is_primary = self.is_primary();
         let (mut operations_ok, mut operations_failed) = (0u32, 0u32);
@@ -798,6 +883,12 @@ impl<S: Storage> Replica<S> {
         for request in &requests {
             let (client_id, request_number) = (request.client_id, request.request_number);
             let (status, reply) = match self.client_table.lookup(client_id, request_number) {
+                // Registration changes nothing but the table, so running it again after the
+                // session was evicted is harmless; every later request is at most once.
+                Lookup::New if request_number == REGISTER_REQUEST_NUMBER => {
+                    self.record_session(client_id, request_number, entry.op, Bytes::new());
+                    (ReplyStatus::Ok, Bytes::new())
+                }
                 Lookup::New => {
                     let result = self.kv.execute(&request.operation);
                     if result == OperationResult::Invalid {
@@ -806,11 +897,7 @@ impl<S: Storage> Replica<S> {
                         operations_ok += 1;
                     }
                     let reply = result.encode();
-                    let evicted = self.client_table.record(client_id, request_number, entry.op, reply.clone());
-                    if let Some(evicted) = evicted {
-                        let sessions = self.client_table.len() as u32;
-                        probe::session_evict(|| (replica_id, evicted, sessions));
-                    }
+                    self.record_session(client_id, request_number, entry.op, reply.clone());
                     (ReplyStatus::Ok, reply)
                 }
                 Lookup::Evicted => (ReplyStatus::SessionEvicted, Bytes::new()),
@@ -822,7 +909,9 @@ impl<S: Storage> Replica<S> {
             if !is_primary {
                 continue;
             }
-            let Some(pending) = self.pending_replies.remove(&client_id) else { continue };
+            let Some(pending) = self.pending_replies.remove(&client_id) else {
+                continue;
+            };
             if pending.request_number != request_number {
                 self.pending_replies.insert(client_id, pending);
                 continue;
@@ -840,12 +929,32 @@ impl<S: Storage> Replica<S> {
         let op = entry.op;
         probe::commit_execute(|| (replica_id, op, operations_ok, operations_failed));
         if !self.reply_latencies_ns.is_empty() {
-            let (count, address) = (self.reply_latencies_ns.len() as u32, self.reply_latencies_ns.as_ptr() as u64);
+            let (count, address) = (
+                self.reply_latencies_ns.len() as u32,
+                self.reply_latencies_ns.as_ptr() as u64,
+            );
             probe::client_reply_batch(|| (replica_id, op, count, address));
         }
     }
 
-    fn send_reply(&mut self, connection: u64, request: &Header, op: u64, status: ReplyStatus, body: Bytes) {
+    fn record_session(&mut self, client_id: u64, request_number: u64, op: u64, reply: Bytes) {
+        if let Some(evicted) = self
+            .client_table
+            .record(client_id, request_number, op, reply)
+        {
+            let (replica_id, sessions) = (self.config.replica, self.client_table.len() as u32);
+            probe::session_evict(|| (replica_id, evicted, sessions));
+        }
+    }
+
+    fn send_reply(
+        &mut self,
+        connection: u64,
+        request: &Header,
+        op: u64,
+        status: ReplyStatus,
+        body: Bytes,
+    ) {
         let mut header = self.header(Command::Reply);
         header.client_id = request.client_id;
         header.request_number = request.request_number;
@@ -858,11 +967,15 @@ impl<S: Storage> Replica<S> {
         let backups_missing: Vec<(u64, u8)> = self
             .votes
             .iter()
-            .filter(|(_, votes)| now_ns.saturating_sub(votes.last_sent_ns) > self.config.retry_interval_ns)
+            .filter(|(_, votes)| {
+                now_ns.saturating_sub(votes.last_sent_ns) > self.config.retry_interval_ns
+            })
             .map(|(op, votes)| (*op, votes.replicas))
             .collect();
         for (op, voted) in backups_missing {
-            let Some(entry) = self.entries.get(&op) else { continue };
+            let Some(entry) = self.entries.get(&op) else {
+                continue;
+            };
             let prepare = self.prepare_message(entry);
             for replica in self.other_replicas() {
                 if voted & (1 << replica) == 0 {
@@ -872,7 +985,8 @@ impl<S: Storage> Replica<S> {
             self.votes.get_mut(&op).unwrap().last_sent_ns = now_ns;
             self.last_sent_to_backups_ns = now_ns;
         }
-        if now_ns.saturating_sub(self.last_sent_to_backups_ns) >= self.config.heartbeat_interval_ns {
+        if now_ns.saturating_sub(self.last_sent_to_backups_ns) >= self.config.heartbeat_interval_ns
+        {
             let mut header = self.header(Command::Commit);
             header.commit = self.commit;
             header.op = self.op;
@@ -897,9 +1011,16 @@ impl<S: Storage> Replica<S> {
         let had_gap = self.chain_low > self.commit;
         while self.chain_low > self.commit {
             let op = self.chain_low;
-            let Some(next) = self.entries.get(&(op + 1)) else { break };
-            let expected = next.parent;
-            if self.entries.get(&op).is_some_and(|entry| entry.checksum == expected) {
+            let expected = if op == self.op {
+                self.head_checksum
+            } else {
+                self.entries[&(op + 1)].parent
+            };
+            if self
+                .entries
+                .get(&op)
+                .is_some_and(|entry| entry.checksum == expected)
+            {
                 self.chain_low -= 1;
                 continue;
             }
@@ -922,7 +1043,10 @@ impl<S: Storage> Replica<S> {
         self.candidates.retain(|op, _| *op > self.commit);
         if self.chain_low > self.commit {
             if self.status == ReplicaStatus::Normal {
-                let low = self.chain_low.saturating_sub(self.config.repair_window).max(self.commit);
+                let low = self
+                    .chain_low
+                    .saturating_sub(self.config.repair_window)
+                    .max(self.commit);
                 for op in (low + 1..=self.chain_low).rev() {
                     if !self.candidates.contains_key(&op) {
                         self.request_repair(now_ns, op, None);
@@ -941,8 +1065,13 @@ impl<S: Storage> Replica<S> {
 
     /// Ends a repair that was requested (a stale local entry that never was is not reported).
     fn repaired(&mut self, now_ns: u64, op: u64, status: RepairStatus) {
-        let Some(repair) = self.repairs.get(&op) else { return };
-        let (replica_id, latency_ns) = (self.config.replica, now_ns.saturating_sub(repair.requested_ns));
+        let Some(repair) = self.repairs.get(&op) else {
+            return;
+        };
+        let (replica_id, latency_ns) = (
+            self.config.replica,
+            now_ns.saturating_sub(repair.requested_ns),
+        );
         probe::repair_done(|| (replica_id, op, latency_ns, status as u8));
         if status == RepairStatus::Success {
             self.repairs.remove(&op);
@@ -970,7 +1099,10 @@ impl<S: Storage> Replica<S> {
         let target = to.unwrap_or_else(|| self.next_repair_peer());
         let mut header = self.header(Command::RequestPrepare);
         header.op = op;
-        self.send(Destination::Replica(target), Message::new(header, Bytes::new()));
+        self.send(
+            Destination::Replica(target),
+            Message::new(header, Bytes::new()),
+        );
     }
 
     fn next_repair_peer(&mut self) -> u8 {
@@ -997,7 +1129,9 @@ impl<S: Storage> Replica<S> {
         let due: Vec<u64> = self
             .repairs
             .iter()
-            .filter(|(_, repair)| now_ns.saturating_sub(repair.last_sent_ns) > self.config.retry_interval_ns)
+            .filter(|(_, repair)| {
+                now_ns.saturating_sub(repair.last_sent_ns) > self.config.retry_interval_ns
+            })
             .map(|(op, _)| *op)
             .collect();
         for op in due {
@@ -1029,30 +1163,32 @@ impl<S: Storage> Replica<S> {
         self.send(Destination::Replica(header.replica), prepare);
     }
 
-    /// Replaces everything above `commit` with `suffix` (verified, ending at the new head);
-    /// our own uncommitted entries become candidates, kept only where they chain.
-    fn install_head(&mut self, now_ns: u64, suffix: Vec<Entry>, commit_max: u64) {
-        let head = suffix.last().expect("a head to install");
-        let (head_op, head_checksum) = (head.op, head.checksum);
+    /// Makes `(head_op, head_checksum)` the head of our log. `suffix` holds verified entries
+    /// ending at the head (possibly none); our own entries above `commit` become candidates,
+    /// kept only where they chain, and whatever is still missing is repaired.
+    fn install_head(&mut self, now_ns: u64, head_op: u64, head_checksum: u64, suffix: Vec<Entry>) {
         assert!(head_op >= self.commit, "a new head never undoes a commit");
         let previous = std::mem::take(&mut self.entries);
         for (op, entry) in previous {
             self.candidates.entry(op).or_insert(entry);
         }
         if self.journal.op_max() > head_op {
-            self.journal.truncate(head_op);
+            self.journal.truncate(head_op.max(1));
         }
+        self.candidates.retain(|op, _| *op <= head_op);
         self.op = head_op;
         self.head_checksum = head_checksum;
         self.chain_low = head_op;
-        self.commit_max = self.commit_max.max(commit_max);
         for entry in suffix.into_iter().rev() {
-            if entry.op <= self.commit {
+            if entry.op <= self.commit || entry.op != self.chain_low {
                 break;
             }
-            let chains = entry.op == self.chain_low
-                && (entry.op == head_op || self.entries[&(entry.op + 1)].parent == entry.checksum);
-            if !chains {
+            let expected = if entry.op == head_op {
+                head_checksum
+            } else {
+                self.entries[&(entry.op + 1)].parent
+            };
+            if entry.checksum != expected {
                 break;
             }
             self.candidates.remove(&entry.op);
@@ -1065,9 +1201,7 @@ impl<S: Storage> Replica<S> {
             self.entries.insert(entry.op, entry);
             self.chain_low -= 1;
         }
-        if head_op == self.commit {
-            self.chain_low = self.commit;
-        }
+        self.chain_low = self.chain_low.max(self.commit);
     }
 
     // ---------------------------------------------------------------- view change
@@ -1142,7 +1276,7 @@ impl<S: Storage> Replica<S> {
         DoViewChange {
             log_view: self.log_view,
             op: self.op,
-            commit: self.commit,
+            commit: self.commit_max.max(self.commit).min(self.op),
             head_checksum: self.head_checksum,
             entries: self.suffix(self.commit).into_iter().cloned().collect(),
         }
@@ -1150,8 +1284,13 @@ impl<S: Storage> Replica<S> {
 
     /// Our verified entries above `after`, newest `suffix_max` at most.
     fn suffix(&self, after: u64) -> Vec<&Entry> {
-        let low = after.max(self.chain_low).max(self.op.saturating_sub(self.config.suffix_max));
-        self.entries.range(low + 1..).map(|(_, entry)| entry).collect()
+        let low = after
+            .max(self.chain_low)
+            .max(self.op.saturating_sub(self.config.suffix_max));
+        self.entries
+            .range(low + 1..)
+            .map(|(_, entry)| entry)
+            .collect()
     }
 
     fn do_view_change_message(&self, do_view_change: &DoViewChange) -> Message {
@@ -1197,11 +1336,23 @@ impl<S: Storage> Replica<S> {
     }
 
     fn maybe_start_view(&mut self, now_ns: u64) {
-        if self.do_view_changes.len() < self.config.quorum() || !self.do_view_changes.contains_key(&self.config.replica) {
+        if self.do_view_changes.len() < self.config.quorum()
+            || !self.do_view_changes.contains_key(&self.config.replica)
+        {
             return;
         }
-        let commit_max = self.do_view_changes.values().map(|dvc| dvc.commit).max().unwrap();
-        let commit_min = self.do_view_changes.values().map(|dvc| dvc.commit).min().unwrap();
+        let commit_max = self
+            .do_view_changes
+            .values()
+            .map(|dvc| dvc.commit)
+            .max()
+            .unwrap();
+        let commit_min = self
+            .do_view_changes
+            .values()
+            .map(|dvc| dvc.commit)
+            .min()
+            .unwrap();
         let best = self
             .do_view_changes
             .iter()
@@ -1210,13 +1361,8 @@ impl<S: Storage> Replica<S> {
             .unwrap();
         let best = self.do_view_changes.remove(&best).unwrap();
         self.do_view_changes.clear();
-        if best.op > self.commit && (best.op != self.op || best.head_checksum != self.head_checksum) {
-            let suffix = if best.entries.is_empty() {
-                return self.start_view_change(now_ns, self.view + 1, ViewChangeReason::ViewChangeTimeout);
-            } else {
-                best.entries
-            };
-            self.install_head(now_ns, suffix, commit_max);
+        if best.op != self.op || best.head_checksum != self.head_checksum {
+            self.install_head(now_ns, best.op, best.head_checksum, best.entries);
         }
         self.commit_max = self.commit_max.max(commit_max);
         self.enter_normal(now_ns);
@@ -1226,15 +1372,24 @@ impl<S: Storage> Replica<S> {
             self.votes.insert(
                 op,
                 Votes {
-                    replicas: if has_entry { 1 << self.config.replica } else { 0 },
+                    replicas: if has_entry {
+                        1 << self.config.replica
+                    } else {
+                        0
+                    },
                     prepared_ns: now_ns,
                     last_sent_ns: now_ns,
                     quorum_ns: None,
                 },
             );
-            if let Some(requests) = self.entries.get(&op).and_then(|entry| decode_batch(&entry.body).ok()) {
+            if let Some(requests) = self
+                .entries
+                .get(&op)
+                .and_then(|entry| decode_batch(&entry.body).ok())
+            {
                 for request in requests {
-                    self.in_flight.insert(request.client_id, request.request_number);
+                    self.in_flight
+                        .insert(request.client_id, request.request_number);
                 }
             }
         }
@@ -1254,8 +1409,11 @@ impl<S: Storage> Replica<S> {
     }
 
     fn enter_normal(&mut self, now_ns: u64) {
-        let (replica_id, view, latency_ns) =
-            (self.config.replica, self.view, now_ns.saturating_sub(self.view_change_started_ns));
+        let (replica_id, view, latency_ns) = (
+            self.config.replica,
+            self.view,
+            now_ns.saturating_sub(self.view_change_started_ns),
+        );
         self.status = ReplicaStatus::Normal;
         self.log_view = self.view;
         self.last_heard_primary_ns = now_ns;
@@ -1284,12 +1442,7 @@ impl<S: Storage> Replica<S> {
         self.view = header.view;
         self.abandon_primary_state();
         if header.op != self.op || header.context != self.head_checksum {
-            if entries.is_empty() && header.op > self.commit {
-                // The primary sent no entries, so it has the head we lack: fetch it.
-                self.install_head_by_repair(now_ns, header.op, header.replica);
-            } else if !entries.is_empty() {
-                self.install_head(now_ns, entries, header.commit);
-            }
+            self.install_head(now_ns, header.op, header.context, entries);
         }
         self.commit_max = self.commit_max.max(header.commit);
         self.enter_normal(now_ns);
@@ -1299,14 +1452,13 @@ impl<S: Storage> Replica<S> {
         Ok(())
     }
 
-    fn install_head_by_repair(&mut self, now_ns: u64, op: u64, from: u8) {
-        self.request_repair(now_ns, op, Some(from));
-    }
-
     fn request_start_view(&mut self, view: u64, primary: u8) {
         let mut header = self.header(Command::RequestStartView);
         header.view = view;
-        self.send(Destination::Replica(primary), Message::new(header, Bytes::new()));
+        self.send(
+            Destination::Replica(primary),
+            Message::new(header, Bytes::new()),
+        );
     }
 
     fn on_request_start_view(&mut self, header: &Header) {
@@ -1318,11 +1470,16 @@ impl<S: Storage> Replica<S> {
 
     fn on_view_change_tick(&mut self, now_ns: u64) {
         if now_ns.saturating_sub(self.view_change_started_ns) > self.config.view_change_timeout_ns {
-            return self.start_view_change(now_ns, self.view + 1, ViewChangeReason::ViewChangeTimeout);
+            return self.start_view_change(
+                now_ns,
+                self.view + 1,
+                ViewChangeReason::ViewChangeTimeout,
+            );
         }
         if now_ns.saturating_sub(self.last_view_change_send_ns) > self.config.retry_interval_ns {
             self.send_start_view_change(now_ns);
-            if self.do_view_change_sent && !self.do_view_changes.contains_key(&self.config.replica) {
+            if self.do_view_change_sent && !self.do_view_changes.contains_key(&self.config.replica)
+            {
                 let message = self.do_view_change_message(&self.own_do_view_change());
                 let primary = self.config.primary_of(self.view);
                 self.send(Destination::Replica(primary), message);
@@ -1336,7 +1493,8 @@ impl<S: Storage> Replica<S> {
         self.status = ReplicaStatus::Recovering;
         self.recovery_started_ns = now_ns;
         // Unique per attempt; only needs to differ from earlier attempts of this replica.
-        self.recovery_nonce = now_ns ^ (self.superblock.sequence << 32) ^ u64::from(self.config.replica);
+        self.recovery_nonce =
+            now_ns ^ (self.superblock.sequence << 32) ^ u64::from(self.config.replica);
         let (replica_id, nonce, commit) = (self.config.replica, self.recovery_nonce, self.commit);
         probe::recovery_start(|| (replica_id, nonce, commit));
         self.send_recovery(now_ns);
@@ -1361,7 +1519,9 @@ impl<S: Storage> Replica<S> {
             response.commit = self.commit_max.max(self.commit);
             response.context = self.head_checksum;
             response.aux = 1;
-            let from = header.commit.max(self.op.saturating_sub(self.config.suffix_max));
+            let from = header
+                .commit
+                .max(self.op.saturating_sub(self.config.suffix_max));
             let mut suffix = Vec::new();
             for op in from + 1..=self.op {
                 let entry = if op <= self.commit {
@@ -1384,12 +1544,16 @@ impl<S: Storage> Replica<S> {
         } else {
             Bytes::new()
         };
-        self.send(Destination::Replica(header.replica), Message::new(response, body));
+        self.send(
+            Destination::Replica(header.replica),
+            Message::new(response, body),
+        );
     }
 
     fn on_recovery_response(&mut self, now_ns: u64, message: &Message) -> Result<(), RejectReason> {
         let header = message.header;
-        if self.status != ReplicaStatus::Recovering || header.request_number != self.recovery_nonce {
+        if self.status != ReplicaStatus::Recovering || header.request_number != self.recovery_nonce
+        {
             return Ok(());
         }
         let from_primary = header.aux == 1;
@@ -1415,21 +1579,37 @@ impl<S: Storage> Replica<S> {
         if self.recovery_responses.len() < self.config.quorum() {
             return Ok(());
         }
-        let view = self.recovery_responses.values().map(|response| response.view).max().unwrap();
+        let view = self
+            .recovery_responses
+            .values()
+            .map(|response| response.view)
+            .max()
+            .unwrap();
         let primary = self.config.primary_of(view);
-        let Some(primary_response) = self.recovery_responses.remove(&primary).filter(|r| r.view == view) else {
+        let Some(primary_response) = self
+            .recovery_responses
+            .remove(&primary)
+            .filter(|r| r.view == view)
+        else {
             return Ok(());
         };
         self.recovery_responses.clear();
         self.view = view;
         self.view_change_started_ns = now_ns;
-        let RecoveryResponse { op, commit, head_checksum, entries, .. } = primary_response;
+        let RecoveryResponse {
+            op,
+            commit,
+            head_checksum,
+            entries,
+            ..
+        } = primary_response;
+        if op < self.commit {
+            // The primary's log is shorter than our durable commit: impossible unless it lost
+            // committed state. Try again later rather than adopt it.
+            return Ok(());
+        }
         if op != self.op || head_checksum != self.head_checksum {
-            if entries.is_empty() {
-                self.install_head_by_repair(now_ns, op, primary);
-            } else {
-                self.install_head(now_ns, entries, commit);
-            }
+            self.install_head(now_ns, op, head_checksum, entries);
         }
         self.commit_max = self.commit_max.max(commit);
         self.status = ReplicaStatus::Normal;
@@ -1460,7 +1640,11 @@ impl<S: Storage> Replica<S> {
     fn broadcast(&mut self, message: Message) {
         let frame = message.encode();
         for replica in self.other_replicas() {
-            self.send_frame(Destination::Replica(replica), message.header.command, frame.clone());
+            self.send_frame(
+                Destination::Replica(replica),
+                message.header.command,
+                frame.clone(),
+            );
         }
     }
 
@@ -1497,7 +1681,11 @@ impl<S: Storage> Replica<S> {
             0
         };
         snapshot.lag_operations = self.commit_max.saturating_sub(self.commit);
-        snapshot.prepare_ok_votes = if is_primary { u64::from(self.newest_op_voters.count_ones()) } else { 0 };
+        snapshot.prepare_ok_votes = if is_primary {
+            u64::from(self.newest_op_voters.count_ones())
+        } else {
+            0
+        };
         snapshot.client_sessions_active = self.client_table.len() as u64;
         snapshot.repair_inflight = self.repairs.len() as u64;
         let (replica_id, address, size) = (
@@ -1510,9 +1698,15 @@ impl<S: Storage> Replica<S> {
 }
 
 /// Decodes a shipped log suffix and checks that it is one chain ending at the stated head.
-fn decode_suffix(body: &Bytes, head_op: u64, head_checksum: u64) -> Result<Vec<Entry>, RejectReason> {
+fn decode_suffix(
+    body: &Bytes,
+    head_op: u64,
+    head_checksum: u64,
+) -> Result<Vec<Entry>, RejectReason> {
     let entries = decode_entries(body)?;
-    let chained = entries.windows(2).all(|pair| pair[1].op == pair[0].op + 1 && pair[1].parent == pair[0].checksum);
+    let chained = entries
+        .windows(2)
+        .all(|pair| pair[1].op == pair[0].op + 1 && pair[1].parent == pair[0].checksum);
     let ends_at_head = entries
         .last()
         .is_none_or(|last| last.op == head_op && last.checksum == head_checksum);

@@ -15,9 +15,10 @@ use bytes::Bytes;
 use crate::client::{Client, ReplyOutcome};
 use crate::client_table::{ClientTable, Lookup};
 use crate::kv::{KvStore, Operation};
-use crate::message::{Message, decode_batch};
+use crate::message::{Message, REGISTER_REQUEST_NUMBER, decode_batch};
 use crate::replica::{Config, Destination, Outgoing, Replica, Source};
 use crate::storage::{Storage, Zone};
+use vsr_probes::ReplicaStatus;
 
 /// SplitMix64: tiny, fast, and good enough to drive fault injection.
 #[derive(Debug, Clone)]
@@ -81,19 +82,29 @@ impl MemoryStorage {
     pub fn crash_torn(&mut self, prng: &mut Prng) {
         if let Some((zone, offset, bytes)) = self.unsynced.first().cloned() {
             let kept = prng.below(bytes.len() as u64 + 1) as usize;
-            Self::apply(self.durable.entry(zone).or_default(), offset, &bytes[..kept]);
+            Self::apply(
+                self.durable.entry(zone).or_default(),
+                offset,
+                &bytes[..kept],
+            );
         }
         self.crash();
     }
 
     pub fn corrupt_byte(&mut self, zone: Zone, offset: u64) {
-        if let Some(byte) = self.durable.get_mut(&zone).and_then(|bytes| bytes.get_mut(offset as usize)) {
+        if let Some(byte) = self
+            .durable
+            .get_mut(&zone)
+            .and_then(|bytes| bytes.get_mut(offset as usize))
+        {
             *byte ^= 0x5a;
         }
     }
 
     pub fn durable_size(&self, zone: Zone) -> u64 {
-        self.durable.get(&zone).map_or(0, |bytes| bytes.len() as u64)
+        self.durable
+            .get(&zone)
+            .map_or(0, |bytes| bytes.len() as u64)
     }
 }
 
@@ -117,8 +128,9 @@ impl Storage for MemoryStorage {
     }
 
     fn sync(&mut self, zone: Zone) -> io::Result<()> {
-        let (synced, rest): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.unsynced).into_iter().partition(|(write_zone, _, _)| *write_zone == zone);
+        let (synced, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.unsynced)
+            .into_iter()
+            .partition(|(write_zone, _, _)| *write_zone == zone);
         self.unsynced = rest;
         for (_, offset, bytes) in synced {
             Self::apply(self.durable.entry(zone).or_default(), offset, &bytes);
@@ -186,7 +198,10 @@ struct InFlight {
 #[derive(Debug)]
 enum Node {
     Up(Box<Replica<MemoryStorage>>),
-    Down { storage: MemoryStorage, restart_ns: u64 },
+    Down {
+        storage: MemoryStorage,
+        restart_ns: u64,
+    },
 }
 
 /// One acknowledged request, as its client saw it.
@@ -229,20 +244,34 @@ pub struct Simulator {
 }
 
 impl Simulator {
-    pub fn new(seed: u64, replica_count: u8, client_count: usize, requests_per_client: u64) -> Simulator {
+    pub fn new(
+        seed: u64,
+        replica_count: u8,
+        client_count: usize,
+        requests_per_client: u64,
+    ) -> Simulator {
         let mut prng = Prng::new(seed);
         let faults = Faults::random(&mut prng);
         let mut config = Config::new(CLUSTER, 0, replica_count);
         // Small enough that some seeds evict sessions; big enough that most do not.
-        config.client_sessions_max = if prng.chance(30) { client_count.max(2) - 1 } else { 1024 };
+        config.client_sessions_max = if prng.chance(30) {
+            client_count.max(2) - 1
+        } else {
+            1024
+        };
         config.pipeline_max = 1 + prng.below(8);
         config.batch_bytes_max = 64 + prng.below(4096) as usize;
         config.suffix_max = 2 + prng.below(16);
         config.repair_window = 1 + prng.below(16);
         let nodes = (0..replica_count)
             .map(|replica| {
-                let config = Config { replica, ..config.clone() };
-                Node::Up(Box::new(Replica::open(config, MemoryStorage::default(), 0).unwrap()))
+                let config = Config {
+                    replica,
+                    ..config.clone()
+                };
+                Node::Up(Box::new(
+                    Replica::open(config, MemoryStorage::default(), 0).unwrap(),
+                ))
             })
             .collect();
         let clients = (0..client_count)
@@ -278,9 +307,18 @@ impl Simulator {
         self.config.replica_count
     }
 
+    /// Replicas that cannot answer a recovering peer: down, still recovering, or cut off.
+    /// Recovery needs f + 1 replicas in normal status, so faults stay within f of these.
     fn faulty_count(&self) -> usize {
-        let down = self.nodes.iter().filter(|node| matches!(node, Node::Down { .. })).count();
-        down + self.partitioned.iter().count()
+        let unavailable = self
+            .nodes
+            .iter()
+            .filter(|node| match node {
+                Node::Down { .. } => true,
+                Node::Up(replica) => replica.status() == ReplicaStatus::Recovering,
+            })
+            .count();
+        unavailable + self.partitioned.iter().count()
     }
 
     fn f(&self) -> usize {
@@ -316,8 +354,31 @@ impl Simulator {
         false
     }
 
+    /// One line per replica and the clients still waiting, for failure messages.
+    pub fn describe(&self) -> String {
+        let mut lines: Vec<String> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(index, node)| match node {
+                Node::Up(replica) => format!("replica {index}: {}", replica.describe()),
+                Node::Down { .. } => format!("replica {index}: down"),
+            })
+            .collect();
+        let waiting = self
+            .clients
+            .iter()
+            .filter(|client| client.client.has_pending())
+            .count();
+        lines.push(format!("{waiting} clients waiting for a reply"));
+        lines.join("; ")
+    }
+
     fn settled(&self) -> bool {
-        let clients_done = self.clients.iter().all(|client| client.requests_left == 0 && client.operation.is_none());
+        let clients_done = self
+            .clients
+            .iter()
+            .all(|client| client.requests_left == 0 && !client.client.has_pending());
         let replicas: Vec<&Replica<MemoryStorage>> = self
             .nodes
             .iter()
@@ -339,8 +400,9 @@ impl Simulator {
         self.restart_due();
         self.clients_send();
         let due: Vec<InFlight> = {
-            let (due, later): (Vec<_>, Vec<_>) =
-                std::mem::take(&mut self.network).into_iter().partition(|message| message.deliver_ns <= self.now_ns);
+            let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.network)
+                .into_iter()
+                .partition(|message| message.deliver_ns <= self.now_ns);
             self.network = later;
             due
         };
@@ -375,7 +437,11 @@ impl Simulator {
             }
         }
         let partition = self.faults.partition_percent_per_second;
-        if partition > 0 && self.partitioned.is_none() && self.prng.below(1000) < partition && self.faulty_count() < self.f() {
+        if partition > 0
+            && self.partitioned.is_none()
+            && self.prng.below(1000) < partition
+            && self.faulty_count() < self.f()
+        {
             let replica = self.prng.below(u64::from(self.replica_count())) as u8;
             let duration = 100_000_000 + self.prng.below(2_000_000_000);
             self.partitioned = Some((replica, self.now_ns + duration));
@@ -383,14 +449,25 @@ impl Simulator {
     }
 
     fn crash(&mut self, index: usize) {
-        let Node::Up(_) = &self.nodes[index] else { return };
+        let Node::Up(_) = &self.nodes[index] else {
+            return;
+        };
         let restart_ns = self.now_ns + 50_000_000 + self.prng.below(3_000_000_000);
-        let placeholder = Node::Down { storage: MemoryStorage::default(), restart_ns };
-        let Node::Up(replica) = std::mem::replace(&mut self.nodes[index], placeholder) else { unreachable!() };
+        let placeholder = Node::Down {
+            storage: MemoryStorage::default(),
+            restart_ns,
+        };
+        let Node::Up(replica) = std::mem::replace(&mut self.nodes[index], placeholder) else {
+            unreachable!()
+        };
         let mut storage = replica.into_storage();
         storage.crash_torn(&mut self.prng);
         if self.prng.chance(self.faults.corrupt_on_crash_percent) {
-            let zone = if self.prng.chance(80) { Zone::Journal } else { Zone::Superblock };
+            let zone = if self.prng.chance(80) {
+                Zone::Journal
+            } else {
+                Zone::Superblock
+            };
             let size = storage.durable_size(zone);
             if size > 0 {
                 // One copy of the superblock at most: losing all four is not a fault VSR survives.
@@ -403,7 +480,10 @@ impl Simulator {
             }
         }
         self.crashes += 1;
-        self.nodes[index] = Node::Down { storage, restart_ns };
+        self.nodes[index] = Node::Down {
+            storage,
+            restart_ns,
+        };
     }
 
     fn restart_due(&mut self) {
@@ -414,11 +494,17 @@ impl Simulator {
             }
             let Node::Down { storage, .. } = std::mem::replace(
                 &mut self.nodes[index],
-                Node::Down { storage: MemoryStorage::default(), restart_ns: u64::MAX },
+                Node::Down {
+                    storage: MemoryStorage::default(),
+                    restart_ns: u64::MAX,
+                },
             ) else {
                 unreachable!()
             };
-            let config = Config { replica: index as u8, ..self.config.clone() };
+            let config = Config {
+                replica: index as u8,
+                ..self.config.clone()
+            };
             let replica = Replica::open(config, storage, self.now_ns)
                 .unwrap_or_else(|error| panic!("replica {index} failed to reopen: {error}"));
             self.nodes[index] = Node::Up(Box::new(replica));
@@ -428,7 +514,10 @@ impl Simulator {
     fn random_operation(&mut self) -> Bytes {
         let key = Bytes::from(format!("k{}", self.prng.below(16)));
         let operation = match self.prng.below(10) {
-            0..=5 => Operation::Put { key, value: Bytes::from(self.prng.next_u64().to_le_bytes().to_vec()) },
+            0..=5 => Operation::Put {
+                key,
+                value: Bytes::from(self.prng.next_u64().to_le_bytes().to_vec()),
+            },
             6..=8 => Operation::Get { key },
             _ => Operation::Delete { key },
         };
@@ -437,12 +526,16 @@ impl Simulator {
 
     fn clients_send(&mut self) {
         for index in 0..self.clients.len() {
-            let timed_out = self.clients[index].operation.is_some()
-                && self.now_ns - self.clients[index].sent_ns > CLIENT_TIMEOUT_NS;
-            if timed_out {
-                let frame = self.clients[index].client.retry().unwrap();
+            let client = &mut self.clients[index].client;
+            if client.has_pending() {
+                if self.now_ns - self.clients[index].sent_ns > CLIENT_TIMEOUT_NS {
+                    let frame = self.clients[index].client.retry().unwrap();
+                    self.client_send(index, frame);
+                }
+            } else if !client.is_registered() {
+                let frame = client.register();
                 self.client_send(index, frame);
-            } else if self.clients[index].operation.is_none() && self.clients[index].requests_left > 0 {
+            } else if self.clients[index].requests_left > 0 {
                 let operation = self.random_operation();
                 let client = &mut self.clients[index];
                 client.requests_left -= 1;
@@ -456,11 +549,17 @@ impl Simulator {
     fn client_send(&mut self, index: usize, frame: Bytes) {
         self.clients[index].sent_ns = self.now_ns;
         let target = self.clients[index].client.target();
-        self.enqueue(Source::Client(index as u64), Destination::Replica(target), frame);
+        self.enqueue(
+            Source::Client(index as u64),
+            Destination::Replica(target),
+            frame,
+        );
     }
 
     fn enqueue(&mut self, source: Source, destination: Destination, frame: Bytes) {
-        if let (Some((isolated, _)), Source::Replica(from), Destination::Replica(to)) = (self.partitioned, source, destination) {
+        if let (Some((isolated, _)), Source::Replica(from), Destination::Replica(to)) =
+            (self.partitioned, source, destination)
+        {
             if from == isolated || to == isolated {
                 return;
             }
@@ -468,7 +567,11 @@ impl Simulator {
         if self.prng.chance(self.faults.loss_percent) {
             return;
         }
-        let copies = if self.prng.chance(self.faults.duplicate_percent) { 2 } else { 1 };
+        let copies = if self.prng.chance(self.faults.duplicate_percent) {
+            2
+        } else {
+            1
+        };
         for _ in 0..copies {
             self.sequence += 1;
             let delay = 100_000 + self.prng.below(self.faults.delay_max_ns);
@@ -485,7 +588,9 @@ impl Simulator {
     fn deliver(&mut self, message: InFlight) {
         match message.destination {
             Destination::Replica(index) => {
-                let Node::Up(replica) = &mut self.nodes[index as usize] else { return };
+                let Node::Up(replica) = &mut self.nodes[index as usize] else {
+                    return;
+                };
                 match Message::decode(&message.frame, CLUSTER) {
                     Ok(decoded) => replica.on_message(self.now_ns, message.source, decoded),
                     Err(reason) => replica.on_rejected(reason, message.source),
@@ -497,8 +602,12 @@ impl Simulator {
     }
 
     fn flush(&mut self, index: u8) {
-        let Node::Up(replica) = &mut self.nodes[index as usize] else { return };
-        let outgoing: Vec<Outgoing> = replica.flush(self.now_ns).expect("memory storage does not fail");
+        let Node::Up(replica) = &mut self.nodes[index as usize] else {
+            return;
+        };
+        let outgoing: Vec<Outgoing> = replica
+            .flush(self.now_ns)
+            .expect("memory storage does not fail");
         for Outgoing { destination, frame } in outgoing {
             self.enqueue(Source::Replica(index), destination, frame);
         }
@@ -510,13 +619,15 @@ impl Simulator {
         match outcome {
             ReplyOutcome::Done { op, result } => {
                 let client = &mut self.clients[index];
-                self.acknowledged.push(Acknowledged {
-                    client_id: client.client.client_id(),
-                    request_number: client.client.request_number(),
-                    operation: client.operation.take().unwrap(),
-                    op,
-                    result,
-                });
+                if let Some(operation) = client.operation.take() {
+                    self.acknowledged.push(Acknowledged {
+                        client_id: client.client.client_id(),
+                        request_number: client.client.request_number(),
+                        operation,
+                        op,
+                        result,
+                    });
+                }
             }
             ReplyOutcome::Redirect { .. } => {
                 let frame = self.clients[index].client.pending_frame().unwrap();
@@ -542,14 +653,18 @@ impl Simulator {
     pub fn check(&mut self) -> Result<(), String> {
         let mut reference: BTreeMap<u64, crate::message::Entry> = BTreeMap::new();
         for index in 0..self.nodes.len() {
-            let Node::Up(replica) = &mut self.nodes[index] else { continue };
+            let Node::Up(replica) = &mut self.nodes[index] else {
+                continue;
+            };
             for op in 1..=replica.commit() {
                 let entry = replica
                     .committed_entry(op)
                     .ok_or_else(|| format!("replica {index}: committed op {op} unreadable"))?;
                 match reference.get(&op) {
                     Some(existing) if existing.checksum != entry.checksum => {
-                        return Err(format!("replica {index}: committed op {op} differs from another replica's"));
+                        return Err(format!(
+                            "replica {index}: committed op {op} differs from another replica's"
+                        ));
                     }
                     Some(_) => {}
                     None => {
@@ -562,14 +677,24 @@ impl Simulator {
         let mut sessions = ClientTable::new(self.config.client_sessions_max);
         let mut results: HashMap<(u64, u64), (u64, Bytes)> = HashMap::new();
         for (op, entry) in &reference {
-            let requests = decode_batch(&entry.body).map_err(|reason| format!("op {op}: batch {reason:?}"))?;
+            let requests =
+                decode_batch(&entry.body).map_err(|reason| format!("op {op}: batch {reason:?}"))?;
             for request in requests {
                 if sessions.lookup(request.client_id, request.request_number) != Lookup::New {
                     continue;
                 }
-                let result = model.execute(&request.operation).encode();
-                sessions.record(request.client_id, request.request_number, *op, result.clone());
                 let key = (request.client_id, request.request_number);
+                if request.request_number == REGISTER_REQUEST_NUMBER {
+                    sessions.record(request.client_id, request.request_number, *op, Bytes::new());
+                    continue;
+                }
+                let result = model.execute(&request.operation).encode();
+                sessions.record(
+                    request.client_id,
+                    request.request_number,
+                    *op,
+                    result.clone(),
+                );
                 if results.insert(key, (*op, result)).is_some() {
                     return Err(format!("request {key:?} executed twice"));
                 }
@@ -578,7 +703,12 @@ impl Simulator {
         for acknowledged in &self.acknowledged {
             let key = (acknowledged.client_id, acknowledged.request_number);
             match results.get(&key) {
-                None => return Err(format!("acknowledged request {key:?} (op {}) is not in the committed log", acknowledged.op)),
+                None => {
+                    return Err(format!(
+                        "acknowledged request {key:?} (op {}) is not in the committed log",
+                        acknowledged.op
+                    ));
+                }
                 Some((op, result)) if (*op, result) != (acknowledged.op, &acknowledged.result) => {
                     return Err(format!(
                         "request {key:?}: client saw op {} result {:?}, log says op {op} result {result:?}",

@@ -61,7 +61,9 @@ impl FileStorage {
                 .create(true)
                 .truncate(false)
                 .open(&path)
-                .map_err(|error| io::Error::new(error.kind(), format!("{}: {error}", path.display())))
+                .map_err(|error| {
+                    io::Error::new(error.kind(), format!("{}: {error}", path.display()))
+                })
         };
         Ok(FileStorage {
             journal: open(Self::JOURNAL_FILE)?,

@@ -60,9 +60,15 @@ pub struct SuperblockOpen {
 impl SuperblockState {
     fn encode(&self) -> [u8; ENCODED_SIZE] {
         let mut out = [0u8; ENCODED_SIZE];
-        for (index, value) in [self.cluster, self.view, self.log_view, self.commit, self.sequence]
-            .into_iter()
-            .enumerate()
+        for (index, value) in [
+            self.cluster,
+            self.view,
+            self.log_view,
+            self.commit,
+            self.sequence,
+        ]
+        .into_iter()
+        .enumerate()
         {
             out[16 + index * 8..24 + index * 8].copy_from_slice(&value.to_le_bytes());
         }
@@ -169,7 +175,9 @@ mod tests {
         state.sequence += 1;
         let copy = state.sequence % COPIES;
         let encoded = state.encode();
-        storage.write_at(Zone::Superblock, copy * COPY_SIZE, &encoded[..20]).unwrap();
+        storage
+            .write_at(Zone::Superblock, copy * COPY_SIZE, &encoded[..20])
+            .unwrap();
         storage.sync(Zone::Superblock).unwrap();
         let opened = open(&mut storage, 1, 0, 3).unwrap();
         assert_eq!(opened.state, last_complete);
@@ -181,10 +189,16 @@ mod tests {
     fn identity_mismatch_and_total_corruption_are_errors() {
         let mut storage = MemoryStorage::default();
         open(&mut storage, 1, 0, 3).unwrap();
-        assert!(matches!(open(&mut storage, 2, 0, 3), Err(SuperblockError::WrongIdentity { .. })));
+        assert!(matches!(
+            open(&mut storage, 2, 0, 3),
+            Err(SuperblockError::WrongIdentity { .. })
+        ));
         for copy in 0..COPIES {
             storage.corrupt_byte(Zone::Superblock, copy * COPY_SIZE + 20);
         }
-        assert!(matches!(open(&mut storage, 1, 0, 3), Err(SuperblockError::AllCopiesCorrupt)));
+        assert!(matches!(
+            open(&mut storage, 1, 0, 3),
+            Err(SuperblockError::AllCopiesCorrupt)
+        ));
     }
 }

@@ -11,11 +11,16 @@ const SETTLE_LIMIT_NS: u64 = 60_000_000_000;
 fn run_seed(seed: u64) -> Result<String, String> {
     let replica_count = [1, 3, 3, 3, 5][(seed % 5) as usize];
     let mut simulator = Simulator::new(seed, replica_count, 6, 150);
+    let faults = simulator.faults.clone();
     simulator.run(SIMULATED_RUN_NS);
     let settled = simulator.heal_and_settle(SETTLE_LIMIT_NS);
     simulator.check()?;
     if !settled {
-        return Err(format!("did not settle within {} s after healing", SETTLE_LIMIT_NS / 1_000_000_000));
+        return Err(format!(
+            "did not settle within {} s after healing: {}",
+            SETTLE_LIMIT_NS / 1_000_000_000,
+            simulator.describe()
+        ));
     }
     Ok(format!(
         "seed {seed}: {} replicas, {} acknowledged, {} crashes, {} corruptions, {:?}",
@@ -23,7 +28,7 @@ fn run_seed(seed: u64) -> Result<String, String> {
         simulator.acknowledged.len(),
         simulator.crashes,
         simulator.corruptions,
-        simulator.faults
+        faults
     ))
 }
 
@@ -32,7 +37,10 @@ fn seeded_sweep_keeps_acknowledged_writes_and_agrees() {
     let seeds: Vec<u64> = match std::env::var("VSR_SIM_SEED") {
         Ok(seed) => vec![seed.parse().expect("VSR_SIM_SEED is a number")],
         Err(_) => {
-            let count: u64 = std::env::var("VSR_SIM_SEEDS").ok().and_then(|n| n.parse().ok()).unwrap_or(40);
+            let count: u64 = std::env::var("VSR_SIM_SEEDS")
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(200);
             (0..count).collect()
         }
     };
