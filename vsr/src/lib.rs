@@ -9,6 +9,8 @@ pub mod journal;
 pub mod kv;
 pub mod message;
 pub mod replica;
+pub mod runtime;
 pub mod simulator;
 pub mod storage;
 pub mod superblock;
+pub mod transport;

@@ -597,17 +597,17 @@ impl<S: Storage> Replica<S> {
             }
             Lookup::New => {}
         }
-        if let Some(&in_flight) = self.in_flight.get(&client_id) {
-            if in_flight >= request_number {
-                probe::duplicate_request(|| (replica_id, client_id, request_number));
-                if in_flight == request_number {
-                    // The retry came on a new connection: reply there when it commits.
-                    if let Some(pending) = self.pending_replies.get_mut(&client_id) {
-                        pending.connection = connection;
-                    }
+        if let Some(&in_flight) = self.in_flight.get(&client_id)
+            && in_flight >= request_number
+        {
+            probe::duplicate_request(|| (replica_id, client_id, request_number));
+            if in_flight == request_number {
+                // The retry came on a new connection: reply there when it commits.
+                if let Some(pending) = self.pending_replies.get_mut(&client_id) {
+                    pending.connection = connection;
                 }
-                return;
             }
+            return;
         }
         if self.request_queue.len() >= self.config.request_queue_max {
             return;
@@ -1317,7 +1317,8 @@ impl<S: Storage> Replica<S> {
         }
         if self.status != ReplicaStatus::ViewChange {
             // Already started the view: the sender missed our StartView.
-            return Ok(self.on_request_start_view(&header));
+            self.on_request_start_view(&header);
+            return Ok(());
         }
         self.do_view_changes.insert(
             header.replica,

@@ -411,7 +411,7 @@ impl Simulator {
         for message in due {
             self.deliver(message);
         }
-        if self.now_ns % TICK_NS == 0 {
+        if self.now_ns.is_multiple_of(TICK_NS) {
             for index in 0..self.nodes.len() {
                 if let Node::Up(replica) = &mut self.nodes[index] {
                     replica.on_tick(self.now_ns);
@@ -422,7 +422,7 @@ impl Simulator {
     }
 
     fn inject_faults(&mut self) {
-        if self.now_ns % 100_000_000 != 0 {
+        if !self.now_ns.is_multiple_of(100_000_000) {
             return;
         }
         // Per 100 ms step: the per-second percentages divided by ten.
@@ -431,10 +431,10 @@ impl Simulator {
             let index = self.prng.below(u64::from(self.replica_count())) as usize;
             self.crash(index);
         }
-        if let Some((_, until_ns)) = self.partitioned {
-            if self.now_ns >= until_ns {
-                self.partitioned = None;
-            }
+        if let Some((_, until_ns)) = self.partitioned
+            && self.now_ns >= until_ns
+        {
+            self.partitioned = None;
         }
         let partition = self.faults.partition_percent_per_second;
         if partition > 0
@@ -559,10 +559,9 @@ impl Simulator {
     fn enqueue(&mut self, source: Source, destination: Destination, frame: Bytes) {
         if let (Some((isolated, _)), Source::Replica(from), Destination::Replica(to)) =
             (self.partitioned, source, destination)
+            && (from == isolated || to == isolated)
         {
-            if from == isolated || to == isolated {
-                return;
-            }
+            return;
         }
         if self.prng.chance(self.faults.loss_percent) {
             return;

@@ -1,0 +1,81 @@
+//! `vsr-replica`: one replica of a VSR cluster, over TCP, with its journal in a data directory.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use vsr::replica::{Config, Replica};
+use vsr::runtime;
+use vsr::storage::FileStorage;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "One replica of a Viewstamped Replication cluster")]
+struct Arguments {
+    /// This replica's index into --addresses.
+    #[arg(long)]
+    replica: u8,
+    /// Every replica's address, in replica order: host:port,host:port,…
+    #[arg(long)]
+    addresses: String,
+    /// Directory for the journal and superblock; created if missing.
+    #[arg(long)]
+    data: PathBuf,
+    /// Cluster id: messages and data directories of other clusters are rejected.
+    #[arg(long, default_value_t = 1)]
+    cluster: u64,
+    #[arg(long, default_value_t = 50)]
+    heartbeat_ms: u64,
+    /// Silence from the primary before a view change; also the view change's own deadline.
+    #[arg(long, default_value_t = 500)]
+    view_change_timeout_ms: u64,
+    #[arg(long, default_value_t = 100)]
+    retry_ms: u64,
+    /// How often the state_snapshot probe fires.
+    #[arg(long, default_value_t = 500)]
+    snapshot_interval_ms: u64,
+    #[arg(long, default_value_t = 16)]
+    pipeline_max: u64,
+    #[arg(long, default_value_t = 16 * 1024)]
+    client_sessions_max: usize,
+}
+
+fn main() -> ExitCode {
+    let arguments = Arguments::parse();
+    match run(arguments) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("vsr-replica: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(arguments: Arguments) -> anyhow::Result<()> {
+    let addresses = runtime::parse_addresses(&arguments.addresses)?;
+    let replica_count = u8::try_from(addresses.len())
+        .map_err(|_| anyhow::anyhow!("{} addresses: at most 255 replicas", addresses.len()))?;
+    let mut config = Config::new(arguments.cluster, arguments.replica, replica_count);
+    let milliseconds = |ms: u64| ms * 1_000_000;
+    config.heartbeat_interval_ns = milliseconds(arguments.heartbeat_ms);
+    config.view_change_timeout_ns = milliseconds(arguments.view_change_timeout_ms);
+    config.retry_interval_ns = milliseconds(arguments.retry_ms);
+    config.snapshot_interval_ns = milliseconds(arguments.snapshot_interval_ms);
+    config.pipeline_max = arguments.pipeline_max;
+    anyhow::ensure!(config.pipeline_max > 0, "--pipeline-max must be at least 1");
+    config.client_sessions_max = arguments.client_sessions_max;
+    anyhow::ensure!(
+        config.client_sessions_max > 0,
+        "--client-sessions-max must be at least 1"
+    );
+    if arguments.data.exists() && !arguments.data.is_dir() {
+        anyhow::bail!("--data {}: not a directory", arguments.data.display());
+    }
+    let storage = FileStorage::open(&arguments.data)
+        .map_err(|error| anyhow::anyhow!("data directory {}: {error}", arguments.data.display()))?;
+    let replica = Replica::open(config, storage, 0)
+        .map_err(|error| anyhow::anyhow!("data directory {}: {error}", arguments.data.display()))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(runtime::run(replica, addresses, arguments.cluster))
+}
