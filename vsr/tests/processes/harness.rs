@@ -1,0 +1,375 @@
+//! Real-process test harness: a cluster of `vsr-replica` processes on loopback, `vsr-bench`
+//! runs, and bpftrace sessions attached to the replicas. Every wait is a poll with a deadline.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+static NEXT_DIRECTORY: AtomicU64 = AtomicU64::new(0);
+
+pub fn replica_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_vsr-replica"))
+}
+
+pub fn bench_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_vsr-bench"))
+}
+
+/// Polls `condition` until it holds or `timeout` passes.
+pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A directory removed when dropped (kept with `VSR_KEEP_TEST_DATA=1`).
+pub struct TestDirectory(pub PathBuf);
+
+impl TestDirectory {
+    pub fn new(name: &str) -> TestDirectory {
+        let index = NEXT_DIRECTORY.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("vsr-test-{}-{index}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TestDirectory(path)
+    }
+}
+
+impl Drop for TestDirectory {
+    fn drop(&mut self) {
+        if std::env::var_os("VSR_KEEP_TEST_DATA").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct Cluster {
+    pub directory: TestDirectory,
+    /// A private copy of the replica binary: a fresh inode per test, so uprobes (and their
+    /// semaphore offsets) pinned by another test never collide with ours.
+    pub binary: PathBuf,
+    pub addresses: Vec<SocketAddr>,
+    extra_arguments: Vec<String>,
+    children: Vec<Option<Child>>,
+}
+
+impl Cluster {
+    pub fn start(name: &str, replica_count: usize, extra_arguments: &[&str]) -> Cluster {
+        let directory = TestDirectory::new(name);
+        let binary = directory.0.join("vsr-replica");
+        std::fs::copy(replica_binary(), &binary).unwrap();
+        let addresses = (0..replica_count)
+            .map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())))
+            .collect();
+        let mut cluster = Cluster {
+            directory,
+            binary,
+            addresses,
+            extra_arguments: extra_arguments.iter().map(|argument| argument.to_string()).collect(),
+            children: (0..replica_count).map(|_| None).collect(),
+        };
+        for replica in 0..replica_count {
+            cluster.start_replica(replica);
+        }
+        cluster
+    }
+
+    pub fn addresses_argument(&self) -> String {
+        self.addresses.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+    }
+
+    pub fn data_directory(&self, replica: usize) -> PathBuf {
+        self.directory.0.join(format!("replica-{replica}"))
+    }
+
+    pub fn log_path(&self, replica: usize) -> PathBuf {
+        self.directory.0.join(format!("replica-{replica}.log"))
+    }
+
+    pub fn log(&self, replica: usize) -> String {
+        std::fs::read_to_string(self.log_path(replica)).unwrap_or_default()
+    }
+
+    pub fn replica_command(&self, replica: usize) -> Command {
+        let mut command = Command::new(&self.binary);
+        command
+            .arg("--replica")
+            .arg(replica.to_string())
+            .arg("--addresses")
+            .arg(self.addresses_argument())
+            .arg("--data")
+            .arg(self.data_directory(replica))
+            .args(&self.extra_arguments);
+        command
+    }
+
+    /// Starts (or restarts) a replica and waits until it accepts connections.
+    pub fn start_replica(&mut self, replica: usize) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(replica))
+            .unwrap();
+        let child = self
+            .replica_command(replica)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.children[replica] = Some(child);
+        let address = self.addresses[replica];
+        wait_until(&format!("replica {replica} to listen on {address}"), Duration::from_secs(10), || {
+            std::net::TcpStream::connect(address).is_ok()
+        });
+    }
+
+    pub fn pid(&self, replica: usize) -> u32 {
+        self.children[replica].as_ref().expect("replica running").id()
+    }
+
+    pub fn kill(&mut self, replica: usize) {
+        if let Some(mut child) = self.children[replica].take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and wait: the replica logs its final state.
+    pub fn stop(&mut self, replica: usize) -> ExitStatus {
+        let mut child = self.children[replica].take().expect("replica running");
+        send_sigterm(child.id());
+        child.wait().unwrap()
+    }
+
+    /// Waits until the replica's log says it reached `needle`.
+    pub fn wait_for_log(&self, replica: usize, needle: &str, timeout: Duration) {
+        wait_until(&format!("replica {replica} to log {needle:?}"), timeout, || self.log(replica).contains(needle));
+    }
+
+    /// Stops every replica at once and returns each one's final commit number, from its log.
+    pub fn stop_all_and_commits(&mut self) -> Vec<u64> {
+        let running: Vec<usize> = (0..self.children.len()).filter(|r| self.children[*r].is_some()).collect();
+        for replica in &running {
+            send_sigterm(self.pid(*replica));
+        }
+        for replica in &running {
+            self.children[*replica].take().unwrap().wait().unwrap();
+        }
+        running.iter().map(|replica| final_commit(&self.log(*replica))).collect()
+    }
+
+    pub fn bench(&self, arguments: &[&str]) -> BenchResult {
+        let output = Command::new(bench_binary())
+            .arg("--addresses")
+            .arg(self.addresses_argument())
+            .args(arguments)
+            .output()
+            .unwrap();
+        BenchResult::parse(output.status, &String::from_utf8_lossy(&output.stdout), &String::from_utf8_lossy(&output.stderr))
+    }
+
+    pub fn bench_in_background(&self, arguments: &[&str]) -> Child {
+        Command::new(bench_binary())
+            .arg("--addresses")
+            .arg(self.addresses_argument())
+            .args(arguments)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for replica in 0..self.children.len() {
+            self.kill(replica);
+        }
+    }
+}
+
+fn send_sigterm(pid: u32) {
+    let status = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().unwrap();
+    assert!(status.success());
+}
+
+/// The commit number in a replica's last "stopped; …" log line.
+fn final_commit(log: &str) -> u64 {
+    let line = log.lines().rev().find(|line| line.contains("stopped;")).unwrap_or_else(|| panic!("no final state in log:\n{log}"));
+    field(line, "commit").unwrap_or_else(|| panic!("no commit in {line:?}"))
+}
+
+/// The number after `name ` in a log line.
+pub fn field(line: &str, name: &str) -> Option<u64> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    words.windows(2).find(|pair| pair[0] == name).and_then(|pair| pair[1].parse().ok())
+}
+
+#[derive(Debug)]
+pub struct BenchResult {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub acknowledged: u64,
+    pub puts: u64,
+    pub p50_ms: f64,
+    pub max_ms: f64,
+    pub evictions: u64,
+    pub unacknowledged: u64,
+}
+
+impl BenchResult {
+    pub fn parse(status: ExitStatus, stdout: &str, stderr: &str) -> BenchResult {
+        let line = stdout
+            .lines()
+            .find(|line| line.starts_with("result:"))
+            .unwrap_or_else(|| panic!("vsr-bench printed no result ({status}):\n{stdout}\n{stderr}"));
+        let value = |key: &str| -> f64 {
+            line.split_whitespace()
+                .find_map(|pair| pair.strip_prefix(&format!("{key}=")))
+                .and_then(|value| value.parse().ok())
+                .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+        };
+        BenchResult {
+            status,
+            acknowledged: value("acknowledged") as u64,
+            puts: value("puts") as u64,
+            p50_ms: value("p50_ms"),
+            max_ms: value("max_ms"),
+            evictions: value("evictions") as u64,
+            unacknowledged: value("unacknowledged") as u64,
+            stdout: stdout.to_string(),
+            stderr: stderr.to_string(),
+        }
+    }
+
+    pub fn from_child(child: Child) -> BenchResult {
+        let output = child.wait_with_output().unwrap();
+        BenchResult::parse(output.status, &String::from_utf8_lossy(&output.stdout), &String::from_utf8_lossy(&output.stderr))
+    }
+
+    pub fn assert_verified(&self) {
+        assert!(self.status.success(), "vsr-bench failed ({}):\n{}\n{}", self.status, self.stdout, self.stderr);
+        assert!(self.stdout.contains(" 0 mismatches, 0 not read"), "verification failed:\n{}", self.stdout);
+    }
+}
+
+/// A bpftrace session. The program gets a `BEGIN` that prints READY, and `attach` returns only
+/// once that line appeared, so every probe is attached before the test drives any event.
+pub struct Bpftrace {
+    child: Child,
+    output: Arc<Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+    errors: Arc<Mutex<String>>,
+}
+
+impl Bpftrace {
+    /// Attaches to one process (`-p`), the way an operator looks at one replica.
+    pub fn attach_pid(pid: u32, program: &str) -> Bpftrace {
+        Bpftrace::start(&["-p", &pid.to_string()], program)
+    }
+
+    /// Attaches to a binary: covers processes started later too.
+    pub fn attach_binary(program: &str) -> Bpftrace {
+        Bpftrace::start(&[], program)
+    }
+
+    fn start(arguments: &[&str], program: &str) -> Bpftrace {
+        let program = format!("BEGIN {{ printf(\"READY\\n\"); }}\n{program}");
+        let mut child = Command::new("bpftrace")
+            .args(["-B", "line"])
+            .args(arguments)
+            .arg("-e")
+            .arg(&program)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("bpftrace is installed (scripts/setup)");
+        let output = Arc::new(Mutex::new(String::new()));
+        let errors = Arc::new(Mutex::new(String::new()));
+        let stdout = child.stdout.take().unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let sink = output.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                let mut sink = sink.lock().unwrap();
+                sink.push_str(&line);
+                sink.push('\n');
+            }
+        });
+        let error_sink = errors.clone();
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text);
+            error_sink.lock().unwrap().push_str(&text);
+        });
+        let mut session = Bpftrace { child, output, reader: Some(reader), errors };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !session.output.lock().unwrap().contains("READY") {
+            if let Ok(Some(status)) = session.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(100));
+                panic!("bpftrace exited ({status}) before attaching:\n{}\n{program}", session.errors.lock().unwrap());
+            }
+            assert!(Instant::now() < deadline, "bpftrace did not attach within 30 s:\n{}", session.errors.lock().unwrap());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        session
+    }
+
+    pub fn output_so_far(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+
+    /// Stops bpftrace with SIGINT (it prints its maps) and returns everything it printed.
+    pub fn finish(mut self) -> String {
+        let _ = Command::new("kill").arg("-INT").arg(self.child.id().to_string()).status();
+        let status = self.child.wait().unwrap();
+        if let Some(reader) = self.reader.take() {
+            reader.join().unwrap();
+        }
+        let output = self.output.lock().unwrap().clone();
+        assert!(status.success() || output.contains("READY"), "bpftrace failed: {}", self.errors.lock().unwrap());
+        output
+    }
+}
+
+/// Lines of bpftrace output that start with `tag`, split into their numeric fields.
+pub fn tagged_rows(output: &str, tag: &str) -> Vec<Vec<u64>> {
+    output
+        .lines()
+        .filter_map(|line| line.strip_prefix(tag))
+        .map(|rest| rest.split_whitespace().map(|word| word.parse().unwrap_or_else(|_| panic!("bad field {word:?} in {rest:?}"))).collect())
+        .collect()
+}
+
+/// The value of a bpftrace scalar map printed at exit, like `@name: 42`.
+pub fn map_value(output: &str, name: &str) -> Option<u64> {
+    let prefix = format!("@{name}: ");
+    output.lines().find_map(|line| line.strip_prefix(&prefix)).and_then(|value| value.trim().parse().ok())
+}
+
+pub fn wait_for_exit(child: &mut Child, timeout: Duration) -> ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "process did not exit within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn read_file(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|error| panic!("{}: {error}", path.display()))
+}
