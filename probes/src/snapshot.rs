@@ -52,3 +52,26 @@ impl ReplicaSnapshot {
         self.bytes_received += bytes as u64;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::mem::{offset_of, size_of};
+
+    use super::*;
+
+    /// The offsets tracers read; docs/probes.md lists the same table.
+    #[test]
+    fn layout_is_the_documented_one() {
+        assert_eq!(offset_of!(ReplicaSnapshot, status), 5);
+        assert_eq!(offset_of!(ReplicaSnapshot, is_primary), 8);
+        assert_eq!(offset_of!(ReplicaSnapshot, view), 16);
+        assert_eq!(offset_of!(ReplicaSnapshot, op), 24);
+        assert_eq!(offset_of!(ReplicaSnapshot, commit), 32);
+        assert_eq!(offset_of!(ReplicaSnapshot, lag_operations), 64);
+        assert_eq!(offset_of!(ReplicaSnapshot, repair_inflight), 88);
+        assert_eq!(offset_of!(ReplicaSnapshot, messages_sent), 96);
+        assert_eq!(offset_of!(ReplicaSnapshot, messages_received), 224);
+        assert_eq!(offset_of!(ReplicaSnapshot, bytes_received), 360);
+        assert_eq!(size_of::<ReplicaSnapshot>(), 368);
+    }
+}

@@ -542,7 +542,9 @@ impl Bench {
         };
         // Unacknowledged puts may or may not have executed; a key only they wrote may be absent.
         let acceptable = match &value {
-            Some(value) => history.latest_values.contains(value) || history.unacknowledged.contains(value),
+            Some(value) => {
+                history.latest_values.contains(value) || history.unacknowledged.contains(value)
+            }
             None => history.latest_values.is_empty(),
         };
         if !acceptable {

@@ -26,13 +26,22 @@ fn kill_primary_under_load_then_restart_loses_nothing() {
     cluster.wait_for_log(0, "Normal in view 1", Duration::from_secs(20));
     let result = BenchResult::from_child(bench);
     result.assert_verified();
-    assert!(result.acknowledged > 1000, "load continued: {}", result.stdout);
+    assert!(
+        result.acknowledged > 1000,
+        "load continued: {}",
+        result.stdout
+    );
     // Idle now: the restarted replica catches up to the same commit as the others.
     let bench = cluster.bench(&["--duration-s", "1", "--clients", "4"]);
     assert!(bench.status.success());
     std::thread::sleep(Duration::from_millis(300));
     let commits = cluster.stop_all_and_commits();
-    assert!(commits.iter().all(|commit| *commit == commits[0] && *commit > 0), "commits {commits:?}");
+    assert!(
+        commits
+            .iter()
+            .all(|commit| *commit == commits[0] && *commit > 0),
+        "commits {commits:?}"
+    );
 }
 
 #[test]
@@ -49,16 +58,30 @@ fn corrupt_journal_entry_is_detected_and_repaired_from_peers() {
     second.assert_verified();
     std::thread::sleep(Duration::from_millis(300));
     let commits = cluster.stop_all_and_commits();
-    assert!(commits.iter().all(|commit| *commit == commits[0]), "commits {commits:?}");
+    assert!(
+        commits.iter().all(|commit| *commit == commits[0]),
+        "commits {commits:?}"
+    );
     let log = cluster.log(2);
-    let starts: Vec<&str> = log.lines().filter(|line| line.contains("listening")).collect();
+    let starts: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("listening"))
+        .collect();
     assert_eq!(starts.len(), 2, "{log}");
-    assert!(starts[1].contains("Recovering"), "a restart recovers first: {}", starts[1]);
+    assert!(
+        starts[1].contains("Recovering"),
+        "a restart recovers first: {}",
+        starts[1]
+    );
 }
 
 pub fn corrupt_middle_byte(path: &std::path::Path) {
     let mut bytes = std::fs::read(path).unwrap();
-    assert!(bytes.len() > 1000, "journal too small to corrupt: {} bytes", bytes.len());
+    assert!(
+        bytes.len() > 1000,
+        "journal too small to corrupt: {} bytes",
+        bytes.len()
+    );
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0xff;
     std::fs::write(path, bytes).unwrap();
@@ -85,16 +108,22 @@ pub fn prepare_from_stranger(cluster: u64) -> Bytes {
 /// body, unknown replica, and garbage (header checksum). Returns once all are written.
 pub fn send_malformed_frames(address: std::net::SocketAddr) {
     let mut wrong_cluster = TcpStream::connect(address).unwrap();
-    wrong_cluster.write_all(&register_frame(CLUSTER_ID + 1, 99)).unwrap();
+    wrong_cluster
+        .write_all(&register_frame(CLUSTER_ID + 1, 99))
+        .unwrap();
     let mut stream = TcpStream::connect(address).unwrap();
     let mut header = Header::new(Wire::Request, CLUSTER_ID, SENDER_CLIENT);
     header.client_id = 98;
     header.request_number = 2;
-    let mut corrupt_body = Message::new(header, Bytes::from_static(b"payload")).encode().to_vec();
+    let mut corrupt_body = Message::new(header, Bytes::from_static(b"payload"))
+        .encode()
+        .to_vec();
     let last = corrupt_body.len() - 1;
     corrupt_body[last] ^= 1;
     stream.write_all(&corrupt_body).unwrap();
-    stream.write_all(&prepare_from_stranger(CLUSTER_ID)).unwrap();
+    stream
+        .write_all(&prepare_from_stranger(CLUSTER_ID))
+        .unwrap();
     stream.write_all(&[0xabu8; 96]).unwrap();
     stream.flush().unwrap();
 }
@@ -109,7 +138,11 @@ fn malformed_messages_are_rejected_and_the_replica_keeps_serving() {
     result.assert_verified();
     assert!(result.acknowledged > 0);
     for replica in 0..3 {
-        assert!(!cluster.log(replica).contains("panicked"), "{}", cluster.log(replica));
+        assert!(
+            !cluster.log(replica).contains("panicked"),
+            "{}",
+            cluster.log(replica)
+        );
     }
 }
 
@@ -118,18 +151,31 @@ fn full_session_table_evicts_and_never_executes_twice() {
     let cluster = Cluster::start("sessions", 3, &["--client-sessions-max", "4"]);
     let result = cluster.bench(&["--duration-s", "2", "--clients", "8", "--verify"]);
     result.assert_verified();
-    assert!(result.evictions > 0, "8 sessions in a table of 4 must evict: {}", result.stdout);
+    assert!(
+        result.evictions > 0,
+        "8 sessions in a table of 4 must evict: {}",
+        result.stdout
+    );
 }
 
 fn run_replica(arguments: &[&str]) -> std::process::Output {
-    std::process::Command::new(replica_binary()).args(arguments).output().unwrap()
+    std::process::Command::new(replica_binary())
+        .args(arguments)
+        .output()
+        .unwrap()
 }
 
 fn assert_clear_failure(output: &std::process::Output, expected: &str) {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "should fail: {stderr}");
-    assert!(!stderr.contains("panicked"), "panicked instead of a clear error: {stderr}");
-    assert!(stderr.contains(expected), "expected {expected:?} in: {stderr}");
+    assert!(
+        !stderr.contains("panicked"),
+        "panicked instead of a clear error: {stderr}"
+    );
+    assert!(
+        stderr.contains(expected),
+        "expected {expected:?} in: {stderr}"
+    );
 }
 
 #[test]
@@ -139,17 +185,58 @@ fn bad_configuration_gets_a_clear_error() {
     std::fs::write(&file, b"not a directory").unwrap();
     let addresses = "127.0.0.1:1,127.0.0.1:2,127.0.0.1:3";
     let file_argument = file.to_str().unwrap();
-    assert_clear_failure(&run_replica(&["--replica", "0", "--addresses", addresses, "--data", file_argument]), "not a directory");
+    assert_clear_failure(
+        &run_replica(&[
+            "--replica",
+            "0",
+            "--addresses",
+            addresses,
+            "--data",
+            file_argument,
+        ]),
+        "not a directory",
+    );
     let data = directory.0.join("data");
     let data_argument = data.to_str().unwrap();
-    assert_clear_failure(&run_replica(&["--replica", "3", "--addresses", addresses, "--data", data_argument]), "replica index 3");
-    assert_clear_failure(&run_replica(&["--replica", "0", "--addresses", "127.0.0.1", "--data", data_argument]), "bad address");
+    assert_clear_failure(
+        &run_replica(&[
+            "--replica",
+            "3",
+            "--addresses",
+            addresses,
+            "--data",
+            data_argument,
+        ]),
+        "replica index 3",
+    );
+    assert_clear_failure(
+        &run_replica(&[
+            "--replica",
+            "0",
+            "--addresses",
+            "127.0.0.1",
+            "--data",
+            data_argument,
+        ]),
+        "bad address",
+    );
 
     // A data directory formatted for one cluster is refused by another.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let single = format!("127.0.0.1:{port}");
     let mut first = std::process::Command::new(replica_binary())
-        .args(["--replica", "0", "--addresses", &single, "--data", data_argument])
+        .args([
+            "--replica",
+            "0",
+            "--addresses",
+            &single,
+            "--data",
+            data_argument,
+        ])
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -159,7 +246,16 @@ fn bad_configuration_gets_a_clear_error() {
     first.kill().unwrap();
     first.wait().unwrap();
     assert_clear_failure(
-        &run_replica(&["--replica", "0", "--addresses", &single, "--data", data_argument, "--cluster", "2"]),
+        &run_replica(&[
+            "--replica",
+            "0",
+            "--addresses",
+            &single,
+            "--data",
+            data_argument,
+            "--cluster",
+            "2",
+        ]),
         "wrong data directory",
     );
 
@@ -170,14 +266,31 @@ fn bad_configuration_gets_a_clear_error() {
         bytes[copy * 4096 + 20] ^= 0xff;
     }
     std::fs::write(&superblock, bytes).unwrap();
-    assert_clear_failure(&run_replica(&["--replica", "0", "--addresses", &single, "--data", data_argument]), "every copy fails its checksum");
+    assert_clear_failure(
+        &run_replica(&[
+            "--replica",
+            "0",
+            "--addresses",
+            &single,
+            "--data",
+            data_argument,
+        ]),
+        "every copy fails its checksum",
+    );
 
     // The port is taken.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken_address = taken.local_addr().unwrap().to_string();
     let fresh = directory.0.join("fresh");
     assert_clear_failure(
-        &run_replica(&["--replica", "0", "--addresses", &taken_address, "--data", fresh.to_str().unwrap()]),
+        &run_replica(&[
+            "--replica",
+            "0",
+            "--addresses",
+            &taken_address,
+            "--data",
+            fresh.to_str().unwrap(),
+        ]),
         "cannot listen",
     );
 }

@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,7 +23,10 @@ pub fn bench_binary() -> PathBuf {
 pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !condition() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -34,7 +37,8 @@ pub struct TestDirectory(pub PathBuf);
 impl TestDirectory {
     pub fn new(name: &str) -> TestDirectory {
         let index = NEXT_DIRECTORY.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("vsr-test-{}-{index}-{name}", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("vsr-test-{}-{index}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).unwrap();
         TestDirectory(path)
@@ -50,7 +54,11 @@ impl Drop for TestDirectory {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub struct Cluster {
@@ -75,7 +83,10 @@ impl Cluster {
             directory,
             binary,
             addresses,
-            extra_arguments: extra_arguments.iter().map(|argument| argument.to_string()).collect(),
+            extra_arguments: extra_arguments
+                .iter()
+                .map(|argument| argument.to_string())
+                .collect(),
             children: (0..replica_count).map(|_| None).collect(),
         };
         for replica in 0..replica_count {
@@ -85,7 +96,11 @@ impl Cluster {
     }
 
     pub fn addresses_argument(&self) -> String {
-        self.addresses.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+        self.addresses
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     pub fn data_directory(&self, replica: usize) -> PathBuf {
@@ -128,13 +143,18 @@ impl Cluster {
             .unwrap();
         self.children[replica] = Some(child);
         let address = self.addresses[replica];
-        wait_until(&format!("replica {replica} to listen on {address}"), Duration::from_secs(10), || {
-            std::net::TcpStream::connect(address).is_ok()
-        });
+        wait_until(
+            &format!("replica {replica} to listen on {address}"),
+            Duration::from_secs(10),
+            || std::net::TcpStream::connect(address).is_ok(),
+        );
     }
 
     pub fn pid(&self, replica: usize) -> u32 {
-        self.children[replica].as_ref().expect("replica running").id()
+        self.children[replica]
+            .as_ref()
+            .expect("replica running")
+            .id()
     }
 
     pub fn kill(&mut self, replica: usize) {
@@ -153,19 +173,28 @@ impl Cluster {
 
     /// Waits until the replica's log says it reached `needle`.
     pub fn wait_for_log(&self, replica: usize, needle: &str, timeout: Duration) {
-        wait_until(&format!("replica {replica} to log {needle:?}"), timeout, || self.log(replica).contains(needle));
+        wait_until(
+            &format!("replica {replica} to log {needle:?}"),
+            timeout,
+            || self.log(replica).contains(needle),
+        );
     }
 
     /// Stops every replica at once and returns each one's final commit number, from its log.
     pub fn stop_all_and_commits(&mut self) -> Vec<u64> {
-        let running: Vec<usize> = (0..self.children.len()).filter(|r| self.children[*r].is_some()).collect();
+        let running: Vec<usize> = (0..self.children.len())
+            .filter(|r| self.children[*r].is_some())
+            .collect();
         for replica in &running {
             send_sigterm(self.pid(*replica));
         }
         for replica in &running {
             self.children[*replica].take().unwrap().wait().unwrap();
         }
-        running.iter().map(|replica| final_commit(&self.log(*replica))).collect()
+        running
+            .iter()
+            .map(|replica| final_commit(&self.log(*replica)))
+            .collect()
     }
 
     pub fn bench(&self, arguments: &[&str]) -> BenchResult {
@@ -175,7 +204,11 @@ impl Cluster {
             .args(arguments)
             .output()
             .unwrap();
-        BenchResult::parse(output.status, &String::from_utf8_lossy(&output.stdout), &String::from_utf8_lossy(&output.stderr))
+        BenchResult::parse(
+            output.status,
+            &String::from_utf8_lossy(&output.stdout),
+            &String::from_utf8_lossy(&output.stderr),
+        )
     }
 
     pub fn bench_in_background(&self, arguments: &[&str]) -> Child {
@@ -199,20 +232,31 @@ impl Drop for Cluster {
 }
 
 fn send_sigterm(pid: u32) {
-    let status = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().unwrap();
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
     assert!(status.success());
 }
 
 /// The commit number in a replica's last "stopped; …" log line.
 fn final_commit(log: &str) -> u64 {
-    let line = log.lines().rev().find(|line| line.contains("stopped;")).unwrap_or_else(|| panic!("no final state in log:\n{log}"));
+    let line = log
+        .lines()
+        .rev()
+        .find(|line| line.contains("stopped;"))
+        .unwrap_or_else(|| panic!("no final state in log:\n{log}"));
     field(line, "commit").unwrap_or_else(|| panic!("no commit in {line:?}"))
 }
 
 /// The number after `name ` in a log line.
 pub fn field(line: &str, name: &str) -> Option<u64> {
     let words: Vec<&str> = line.split_whitespace().collect();
-    words.windows(2).find(|pair| pair[0] == name).and_then(|pair| pair[1].parse().ok())
+    words
+        .windows(2)
+        .find(|pair| pair[0] == name)
+        .and_then(|pair| pair[1].parse().ok())
 }
 
 #[derive(Debug)]
@@ -221,11 +265,7 @@ pub struct BenchResult {
     pub stdout: String,
     pub stderr: String,
     pub acknowledged: u64,
-    pub puts: u64,
-    pub p50_ms: f64,
-    pub max_ms: f64,
     pub evictions: u64,
-    pub unacknowledged: u64,
 }
 
 impl BenchResult {
@@ -233,7 +273,9 @@ impl BenchResult {
         let line = stdout
             .lines()
             .find(|line| line.starts_with("result:"))
-            .unwrap_or_else(|| panic!("vsr-bench printed no result ({status}):\n{stdout}\n{stderr}"));
+            .unwrap_or_else(|| {
+                panic!("vsr-bench printed no result ({status}):\n{stdout}\n{stderr}")
+            });
         let value = |key: &str| -> f64 {
             line.split_whitespace()
                 .find_map(|pair| pair.strip_prefix(&format!("{key}=")))
@@ -243,11 +285,7 @@ impl BenchResult {
         BenchResult {
             status,
             acknowledged: value("acknowledged") as u64,
-            puts: value("puts") as u64,
-            p50_ms: value("p50_ms"),
-            max_ms: value("max_ms"),
             evictions: value("evictions") as u64,
-            unacknowledged: value("unacknowledged") as u64,
             stdout: stdout.to_string(),
             stderr: stderr.to_string(),
         }
@@ -255,12 +293,26 @@ impl BenchResult {
 
     pub fn from_child(child: Child) -> BenchResult {
         let output = child.wait_with_output().unwrap();
-        BenchResult::parse(output.status, &String::from_utf8_lossy(&output.stdout), &String::from_utf8_lossy(&output.stderr))
+        BenchResult::parse(
+            output.status,
+            &String::from_utf8_lossy(&output.stdout),
+            &String::from_utf8_lossy(&output.stderr),
+        )
     }
 
     pub fn assert_verified(&self) {
-        assert!(self.status.success(), "vsr-bench failed ({}):\n{}\n{}", self.status, self.stdout, self.stderr);
-        assert!(self.stdout.contains(" 0 mismatches, 0 not read"), "verification failed:\n{}", self.stdout);
+        assert!(
+            self.status.success(),
+            "vsr-bench failed ({}):\n{}\n{}",
+            self.status,
+            self.stdout,
+            self.stderr
+        );
+        assert!(
+            self.stdout.contains(" 0 mismatches, 0 not read"),
+            "verification failed:\n{}",
+            self.stdout
+        );
     }
 }
 
@@ -314,14 +366,26 @@ impl Bpftrace {
             let _ = stderr.read_to_string(&mut text);
             error_sink.lock().unwrap().push_str(&text);
         });
-        let mut session = Bpftrace { child, output, reader: Some(reader), errors };
+        let mut session = Bpftrace {
+            child,
+            output,
+            reader: Some(reader),
+            errors,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !session.output.lock().unwrap().contains("READY") {
             if let Ok(Some(status)) = session.child.try_wait() {
                 std::thread::sleep(Duration::from_millis(100));
-                panic!("bpftrace exited ({status}) before attaching:\n{}\n{program}", session.errors.lock().unwrap());
+                panic!(
+                    "bpftrace exited ({status}) before attaching:\n{}\n{program}",
+                    session.errors.lock().unwrap()
+                );
             }
-            assert!(Instant::now() < deadline, "bpftrace did not attach within 30 s:\n{}", session.errors.lock().unwrap());
+            assert!(
+                Instant::now() < deadline,
+                "bpftrace did not attach within 30 s:\n{}",
+                session.errors.lock().unwrap()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         session
@@ -333,13 +397,20 @@ impl Bpftrace {
 
     /// Stops bpftrace with SIGINT (it prints its maps) and returns everything it printed.
     pub fn finish(mut self) -> String {
-        let _ = Command::new("kill").arg("-INT").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-INT")
+            .arg(self.child.id().to_string())
+            .status();
         let status = self.child.wait().unwrap();
         if let Some(reader) = self.reader.take() {
             reader.join().unwrap();
         }
         let output = self.output.lock().unwrap().clone();
-        assert!(status.success() || output.contains("READY"), "bpftrace failed: {}", self.errors.lock().unwrap());
+        assert!(
+            status.success() || output.contains("READY"),
+            "bpftrace failed: {}",
+            self.errors.lock().unwrap()
+        );
         output
     }
 }
@@ -349,27 +420,22 @@ pub fn tagged_rows(output: &str, tag: &str) -> Vec<Vec<u64>> {
     output
         .lines()
         .filter_map(|line| line.strip_prefix(tag))
-        .map(|rest| rest.split_whitespace().map(|word| word.parse().unwrap_or_else(|_| panic!("bad field {word:?} in {rest:?}"))).collect())
+        .map(|rest| {
+            rest.split_whitespace()
+                .map(|word| {
+                    word.parse()
+                        .unwrap_or_else(|_| panic!("bad field {word:?} in {rest:?}"))
+                })
+                .collect()
+        })
         .collect()
 }
 
 /// The value of a bpftrace scalar map printed at exit, like `@name: 42`.
 pub fn map_value(output: &str, name: &str) -> Option<u64> {
     let prefix = format!("@{name}: ");
-    output.lines().find_map(|line| line.strip_prefix(&prefix)).and_then(|value| value.trim().parse().ok())
-}
-
-pub fn wait_for_exit(child: &mut Child, timeout: Duration) -> ExitStatus {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "process did not exit within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-pub fn read_file(path: &Path) -> Vec<u8> {
-    std::fs::read(path).unwrap_or_else(|error| panic!("{}: {error}", path.display()))
+    output
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|value| value.trim().parse().ok())
 }
