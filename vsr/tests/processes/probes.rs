@@ -364,9 +364,9 @@ fn semaphore_value(pid: u32, binary: &Path, address: u64) -> u16 {
         })
         .map(|line| u64::from_str_radix(line.split('-').next().unwrap(), 16).unwrap())
         .expect("the binary's first mapping");
-    let mut memory = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let memory = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
     let mut value = [0u8; 2];
-    std::os::unix::fs::FileExt::read_exact_at(&mut memory, &mut value, base + address).unwrap();
+    std::os::unix::fs::FileExt::read_exact_at(&memory, &mut value, base + address).unwrap();
     u16::from_le_bytes(value)
 }
 
