@@ -134,9 +134,9 @@ fn normal_operation_probes_agree_with_the_load_generator() {
     assert_eq!(value("quorums"), prepares);
     assert_eq!(value("commits"), prepares);
     assert_eq!(value("quorum_too_small"), 0);
-    assert_eq!(
-        value("sent_prepares"),
-        2 * prepares,
+    // Each prepare goes to both backups; a slow PrepareOk makes the primary send it again.
+    assert!(
+        value("sent_prepares") >= 2 * prepares,
         "each prepare to both backups"
     );
     assert!(
