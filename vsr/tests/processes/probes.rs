@@ -450,3 +450,46 @@ fn every_probe_is_in_the_binary_and_the_reference_and_a_no_probe_build_has_none(
         "no-probe build carries notes"
     );
 }
+
+fn signal(pid: u32, name: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn view_change_reasons_operator_request_and_primary_timeout() {
+    let cluster = Cluster::start("probes-reasons", 3, &[]);
+    cluster.wait_for_log(1, "Normal in view 0", Duration::from_secs(5));
+    let bpftrace = Bpftrace::attach_binary(&program(
+        &cluster.binary,
+        &[(
+            "view_change_start",
+            "printf(\"start %d %d %d %d\\n\", arg0, arg1, arg2, arg3);",
+        )],
+    ));
+    // An operator asks replica 2 to abandon view 0; the others follow it to view 1.
+    signal(cluster.pid(2), "USR1");
+    cluster.wait_for_log(1, "Normal in view 1", Duration::from_secs(10));
+    // Freeze the primary of view 1 without closing its connections: the backups time out.
+    signal(cluster.pid(1), "STOP");
+    cluster.wait_for_log(0, "Normal in view 2", Duration::from_secs(10));
+    signal(cluster.pid(1), "CONT");
+    let output = bpftrace.finish();
+    let rows = tagged_rows(&output, "start ");
+    assert!(
+        rows.contains(&vec![2, 0, 1, 2]),
+        "operator_request on replica 2:\n{output}"
+    );
+    assert!(
+        rows.contains(&vec![0, 1, 2, 0]) || rows.contains(&vec![2, 1, 2, 0]),
+        "primary_timeout:\n{output}"
+    );
+    assert!(
+        rows.iter().any(|row| row[1..] == [0, 1, 3]),
+        "higher_view on the followers:\n{output}"
+    );
+}
