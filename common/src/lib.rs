@@ -194,8 +194,14 @@ mod tests {
                 let index = fine_index(value);
                 assert!(index < FINE_BUCKETS, "{value}");
                 let (low, high) = fine_range(index);
-                assert!(low <= value && (value < high || high == u64::MAX), "{value} not in [{low}, {high})");
-                assert!(high - low <= (low / 64).max(1), "bucket of {value} wider than 1/64");
+                assert!(
+                    low <= value && (value < high || high == u64::MAX),
+                    "{value} not in [{low}, {high})"
+                );
+                assert!(
+                    high - low <= (low / 64).max(1),
+                    "bucket of {value} wider than 1/64"
+                );
             }
         }
         assert_eq!(fine_index(u64::MAX), FINE_BUCKETS - 1);
@@ -204,7 +210,11 @@ mod tests {
     #[test]
     fn fine_buckets_are_contiguous() {
         for index in 1..FINE_BUCKETS {
-            assert_eq!(fine_range(index - 1).1, fine_range(index).0, "gap at {index}");
+            assert_eq!(
+                fine_range(index - 1).1,
+                fine_range(index).0,
+                "gap at {index}"
+            );
         }
     }
 }

@@ -9,18 +9,20 @@
 #![no_std]
 #![no_main]
 
+use core::ffi::c_void;
+
+use aya_ebpf::EbpfContext;
 use aya_ebpf::helpers::{
-    bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
-    bpf_probe_read_user, bpf_probe_read_user_buf,
+    bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_loop,
+    bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf,
 };
 use aya_ebpf::macros::{map, uprobe};
 use aya_ebpf::maps::{Array, PerCpuArray};
 use aya_ebpf::programs::ProbeContext;
-use aya_ebpf::EbpfContext;
-use vsrscope_common::histogram::{self, Bounds, Series, BOUNDS_MAX, FINE_BUCKETS};
+use vsrscope_common::histogram::{self, BOUNDS_MAX, Bounds, FINE_BUCKETS, Series};
 use vsrscope_common::{
-    counter, self_metric, SiteSpec, SnapshotSlot, ARGS_MAX, ARG_CONSTANT, ARG_REGISTER,
-    ARG_REGISTER_DEREF, REPLICAS_MAX, SITES_MAX, SNAPSHOT_BYTES,
+    ARG_CONSTANT, ARG_REGISTER, ARG_REGISTER_DEREF, ARGS_MAX, REPLICAS_MAX, SITES_MAX,
+    SNAPSHOT_BYTES, SiteSpec, SnapshotSlot, counter, self_metric,
 };
 
 #[map]
@@ -64,7 +66,7 @@ mod program {
 }
 
 /// The most latencies one `client_reply_batch` hit records; the rest are counted as lost.
-const BATCH_LATENCIES_MAX: u64 = 512;
+const BATCH_LATENCIES_MAX: u64 = 65_536;
 
 fn count_self(slot: usize, amount: u64) {
     if let Some(counters) = SELF_COUNTERS.get_ptr_mut(0) {
@@ -103,7 +105,8 @@ impl<'a> Arguments<'a> {
                     return None;
                 }
                 // Variable offsets into the context are refused by the verifier; read it as memory.
-                let register_address = unsafe { (self.ctx.regs as *const u8).add(offset) } as *const u64;
+                let register_address =
+                    unsafe { (self.ctx.regs as *const u8).add(offset) } as *const u64;
                 let register = unsafe { bpf_probe_read_kernel(register_address) }.ok()?;
                 if spec.kind == ARG_REGISTER {
                     register
@@ -132,7 +135,11 @@ impl<'a> Arguments<'a> {
 
 /// Runs `handler` with the decoded arguments, counting the hit or its loss.
 #[inline(always)]
-fn handle(ctx: &ProbeContext, program: usize, handler: impl FnOnce(&Arguments) -> Option<()>) -> u32 {
+fn handle(
+    ctx: &ProbeContext,
+    program: usize,
+    handler: impl FnOnce(&Arguments) -> Option<()>,
+) -> u32 {
     let handled = Arguments::of(ctx).and_then(|arguments| handler(&arguments));
     match handled {
         Some(()) => count_self(self_metric::HITS + program, 1),
@@ -183,7 +190,13 @@ fn add(replica_id: u64, slot: usize, amount: u64) -> Option<()> {
 
 /// `slot_base + code`, refusing codes beyond their group.
 #[inline(always)]
-fn add_labelled(replica_id: u64, slot_base: usize, code: u64, width: usize, amount: u64) -> Option<()> {
+fn add_labelled(
+    replica_id: u64,
+    slot_base: usize,
+    code: u64,
+    width: usize,
+    amount: u64,
+) -> Option<()> {
     if code >= width as u64 {
         return None;
     }
@@ -192,29 +205,59 @@ fn add_labelled(replica_id: u64, slot_base: usize, code: u64, width: usize, amou
 
 #[uprobe]
 pub fn prepare_quorum(ctx: ProbeContext) -> u32 {
-    handle(&ctx, program::PREPARE_QUORUM, |a| record(histogram::PREPARE, a.get(0)?, a.get(2)?))
+    handle(&ctx, program::PREPARE_QUORUM, |a| {
+        record(histogram::PREPARE, a.get(0)?, a.get(2)?)
+    })
 }
 
 #[uprobe]
 pub fn commit(ctx: ProbeContext) -> u32 {
-    handle(&ctx, program::COMMIT, |a| record(histogram::COMMIT, a.get(0)?, a.get(2)?))
+    handle(&ctx, program::COMMIT, |a| {
+        record(histogram::COMMIT, a.get(0)?, a.get(2)?)
+    })
 }
 
+/// What `bpf_loop` hands `record_batched_latency`. Never written by the callback: a context
+/// that changes every iteration keeps the verifier from converging on the loop body.
+struct Batch {
+    replica_id: u64,
+    address: u64,
+}
+
+/// One iteration of the batch loop: record latency `index`, or count it lost.
+extern "C" fn record_batched_latency(index: u64, batch: *mut c_void) -> i64 {
+    // SAFETY: `batch` is the `Batch` on `client_reply_batch`'s stack, passed to bpf_loop.
+    let batch = unsafe { &*(batch as *const Batch) };
+    let recorded = unsafe { bpf_probe_read_user((batch.address + index * 8) as *const u64) }
+        .ok()
+        .and_then(|latency_ns| record(histogram::CLIENT, batch.replica_id, latency_ns));
+    if recorded.is_none() {
+        count_self(self_metric::LOST_BATCH_LATENCIES, 1);
+    }
+    0
+}
+
+/// A loop over the batch through `bpf_loop`: the verifier checks the body once instead of
+/// unrolling every iteration.
 #[uprobe]
 pub fn client_reply_batch(ctx: ProbeContext) -> u32 {
     handle(&ctx, program::CLIENT_REPLY_BATCH, |a| {
-        let replica_id = a.get(0)?;
         let count = a.get(2)?;
-        let address = a.get(3)?;
-        for index in 0..BATCH_LATENCIES_MAX {
-            if index >= count {
-                break;
-            }
-            let latency_ns = unsafe { bpf_probe_read_user((address + index * 8) as *const u64) }.ok()?;
-            record(histogram::CLIENT, replica_id, latency_ns)?;
-        }
-        if count > BATCH_LATENCIES_MAX {
-            count_self(self_metric::LOST_BATCH_LATENCIES, count - BATCH_LATENCIES_MAX);
+        let mut batch = Batch {
+            replica_id: a.get(0)?,
+            address: a.get(3)?,
+        };
+        let iterations = count.min(BATCH_LATENCIES_MAX);
+        unsafe {
+            bpf_loop(
+                iterations as u32,
+                record_batched_latency as *mut c_void,
+                &mut batch as *mut Batch as *mut c_void,
+                0,
+            )
+        };
+        if count > iterations {
+            count_self(self_metric::LOST_BATCH_LATENCIES, count - iterations);
         }
         Some(())
     })
@@ -222,12 +265,16 @@ pub fn client_reply_batch(ctx: ProbeContext) -> u32 {
 
 #[uprobe]
 pub fn view_change_done(ctx: ProbeContext) -> u32 {
-    handle(&ctx, program::VIEW_CHANGE_DONE, |a| record(histogram::VIEW_CHANGE, a.get(0)?, a.get(2)?))
+    handle(&ctx, program::VIEW_CHANGE_DONE, |a| {
+        record(histogram::VIEW_CHANGE, a.get(0)?, a.get(2)?)
+    })
 }
 
 #[uprobe]
 pub fn recovery_done(ctx: ProbeContext) -> u32 {
-    handle(&ctx, program::RECOVERY_DONE, |a| record(histogram::RECOVERY, a.get(0)?, a.get(3)?))
+    handle(&ctx, program::RECOVERY_DONE, |a| {
+        record(histogram::RECOVERY, a.get(0)?, a.get(3)?)
+    })
 }
 
 #[uprobe]
@@ -264,7 +311,13 @@ pub fn journal_write(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn view_change_start(ctx: ProbeContext) -> u32 {
     handle(&ctx, program::VIEW_CHANGE_START, |a| {
-        add_labelled(a.get(0)?, counter::VIEW_CHANGES, a.get(3)?, counter::GROUP_WIDTH, 1)
+        add_labelled(
+            a.get(0)?,
+            counter::VIEW_CHANGES,
+            a.get(3)?,
+            counter::GROUP_WIDTH,
+            1,
+        )
     })
 }
 
@@ -278,18 +331,28 @@ pub fn checksum_failure(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn byzantine_rejection(ctx: ProbeContext) -> u32 {
     handle(&ctx, program::BYZANTINE_REJECTION, |a| {
-        add_labelled(a.get(0)?, counter::BYZANTINE_REJECTIONS, a.get(1)?, 2 * counter::GROUP_WIDTH, 1)
+        add_labelled(
+            a.get(0)?,
+            counter::BYZANTINE_REJECTIONS,
+            a.get(1)?,
+            2 * counter::GROUP_WIDTH,
+            1,
+        )
     })
 }
 
 #[uprobe]
 pub fn duplicate_request(ctx: ProbeContext) -> u32 {
-    handle(&ctx, program::DUPLICATE_REQUEST, |a| add(a.get(0)?, counter::DUPLICATE_REQUESTS, 1))
+    handle(&ctx, program::DUPLICATE_REQUEST, |a| {
+        add(a.get(0)?, counter::DUPLICATE_REQUESTS, 1)
+    })
 }
 
 #[uprobe]
 pub fn session_evict(ctx: ProbeContext) -> u32 {
-    handle(&ctx, program::SESSION_EVICT, |a| add(a.get(0)?, counter::SESSIONS_EVICTED, 1))
+    handle(&ctx, program::SESSION_EVICT, |a| {
+        add(a.get(0)?, counter::SESSIONS_EVICTED, 1)
+    })
 }
 
 #[uprobe]

@@ -1,3 +1,453 @@
-fn main() {
-    let _ = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vsrscope"));
+//! `vsrscope`: look inside running VSR replicas through their USDT probes.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use vsrscope::attach::{SEED_BOUNDS_MS, Tracer};
+use vsrscope::metrics::{ExporterState, QuantileWindow, Reading, Resources, exposition};
+use vsrscope::{process, usdt};
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "Attach to running VSR replicas through their USDT probes and export their metrics"
+)]
+struct Arguments {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+struct Targets {
+    /// Attach to this process (repeatable).
+    #[arg(long = "pid")]
+    pids: Vec<u32>,
+    /// Attach to every process running this binary, now and later.
+    #[arg(long = "binary")]
+    binaries: Vec<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List the probes of a binary or a running process: sites, semaphores, arguments.
+    List {
+        #[arg(long, conflicts_with = "pid", required_unless_present = "pid")]
+        binary: Option<PathBuf>,
+        #[arg(long)]
+        pid: Option<u32>,
+    },
+    /// Attach and serve the metrics on /metrics (default: every running vsr-replica).
+    Serve {
+        #[command(flatten)]
+        targets: Targets,
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        listen: SocketAddr,
+        /// Quantile gauges (_p50, _p95, _p99) cover this many seconds.
+        #[arg(long, default_value_t = 60)]
+        quantile_window_s: u64,
+    },
+    /// Attach, wait for one state snapshot from each replica, print it, detach.
+    Snapshot {
+        #[command(flatten)]
+        targets: Targets,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Give up on replicas that publish no snapshot within this time.
+        #[arg(long, default_value_t = 3)]
+        wait_s: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    // Die quietly on a closed pipe (`vsrscope list … | head`), like other command-line tools.
+    // SAFETY: called before any thread starts; SIG_DFL is a valid disposition.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    let arguments = Arguments::parse();
+    let result = match arguments.command {
+        Command::List { binary, pid } => list(binary, pid),
+        Command::Serve {
+            targets,
+            listen,
+            quantile_window_s,
+        } => serve(&targets, listen, Duration::from_secs(quantile_window_s)),
+        Command::Snapshot {
+            targets,
+            json,
+            wait_s,
+        } => snapshot(&targets, json, Duration::from_secs(wait_s)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("vsrscope: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn list(binary: Option<PathBuf>, pid: Option<u32>) -> anyhow::Result<()> {
+    let binary = match (binary, pid) {
+        (Some(binary), _) => binary,
+        (None, Some(pid)) => process::executable(pid)?,
+        (None, None) => bail!("give --binary or --pid"),
+    };
+    let discovery = usdt::discover_file(&binary)?;
+    if discovery.sites.is_empty() {
+        bail!(
+            "{}: no USDT probes (.note.stapsdt is missing or empty)",
+            binary.display()
+        );
+    }
+    let base = pid.map(process::load_base).transpose()?;
+    println!(
+        "{}: {} sites ({} dead notes skipped)",
+        binary.display(),
+        discovery.sites.len(),
+        discovery.skipped_dead_sites
+    );
+    println!(
+        "{:<28} {:>12} {:>12} {:>10} {:>9}  arguments",
+        "probe", "address", "file offset", "semaphore", "enabled"
+    );
+    for site in &discovery.sites {
+        let enabled = match (pid, base) {
+            (Some(pid), Some(base)) if site.semaphore_address != 0 => {
+                process::read_semaphore(pid, base + site.semaphore_address)?.to_string()
+            }
+            _ => "-".into(),
+        };
+        println!(
+            "{:<28} {:>#12x} {:>#12x} {:>#10x} {:>9}  {}",
+            format!("{}:{}", site.provider, site.name),
+            site.address,
+            site.file_offset,
+            site.semaphore_offset,
+            enabled,
+            site.arguments_text
+        );
+    }
+    Ok(())
+}
+
+fn bounds_ms() -> Vec<Vec<f64>> {
+    SEED_BOUNDS_MS
+        .iter()
+        .map(|bounds| bounds.to_vec())
+        .collect()
+}
+
+/// Resolves the targets and attaches to each; returns the tracer and what it attached to.
+fn attach(targets: &Targets) -> anyhow::Result<(Tracer, Vec<String>)> {
+    let mut plan: Vec<(PathBuf, Option<u32>)> = Vec::new();
+    for pid in &targets.pids {
+        plan.push((process::executable(*pid)?, Some(*pid)));
+    }
+    for binary in &targets.binaries {
+        if !binary.exists() {
+            bail!("{}: no such file", binary.display());
+        }
+        plan.push((binary.canonicalize()?, None));
+    }
+    if plan.is_empty() {
+        let pids = process::find_by_name("vsr-replica");
+        if pids.is_empty() {
+            bail!("no running vsr-replica found; give --pid or --binary");
+        }
+        let mut binaries: Vec<PathBuf> = pids
+            .iter()
+            .filter_map(|pid| process::executable(*pid).ok())
+            .collect();
+        binaries.sort();
+        binaries.dedup();
+        plan.extend(binaries.into_iter().map(|binary| (binary, None)));
+    }
+    let mut tracer = Tracer::load(&bounds_ms())?;
+    let mut described = Vec::new();
+    for (binary, pid) in plan {
+        let discovery = usdt::discover_file(&binary)?;
+        let sites = tracer.attach(&binary, &discovery, pid)?;
+        described.push(match pid {
+            Some(pid) => format!("pid {pid} ({}, {sites} sites)", binary.display()),
+            None => format!("{} (all processes, {sites} sites)", binary.display()),
+        });
+    }
+    Ok((tracer, described))
+}
+
+/// Per-process counters from /proc, for rates between two samples.
+#[derive(Debug, Clone, Copy)]
+struct ProcessSample {
+    at: Instant,
+    cpu_ticks: u64,
+    write_bytes: u64,
+    journal_writes: u64,
+    network_bytes: u64,
+}
+
+fn sample_process(
+    pid: u32,
+    journal_writes: u64,
+    network_bytes: u64,
+) -> Option<(ProcessSample, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let cpu_ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let resident_pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    let write_bytes = io
+        .lines()
+        .find_map(|line| line.strip_prefix("write_bytes: "))
+        .and_then(|v| v.trim().parse().ok())?;
+    // SAFETY: sysconf has no preconditions.
+    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
+    let sample = ProcessSample {
+        at: Instant::now(),
+        cpu_ticks,
+        write_bytes,
+        journal_writes,
+        network_bytes,
+    };
+    Some((sample, resident_pages * page_size))
+}
+
+fn resources(previous: &ProcessSample, current: &ProcessSample, memory_bytes: u64) -> Resources {
+    let seconds = current
+        .at
+        .duration_since(previous.at)
+        .as_secs_f64()
+        .max(1e-3);
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let rate = |now: u64, before: u64| now.saturating_sub(before) as f64 / seconds;
+    Resources {
+        memory_bytes,
+        cpu_percent: 100.0 * rate(current.cpu_ticks, previous.cpu_ticks) / ticks_per_second,
+        disk_iops: rate(current.journal_writes, previous.journal_writes),
+        disk_bytes_per_second: rate(current.write_bytes, previous.write_bytes),
+        network_bytes_per_second: rate(current.network_bytes, previous.network_bytes),
+    }
+}
+
+struct Shared {
+    tracer: Tracer,
+    window: QuantileWindow,
+    samples: BTreeMap<u32, ProcessSample>,
+    resources: BTreeMap<u32, Resources>,
+    state: ExporterState,
+}
+
+impl Shared {
+    /// Reads the maps; keeps the quantile window and the resource rates current.
+    fn sample(&mut self) -> Option<Reading> {
+        let reading = match Reading::read(self.tracer.ebpf()) {
+            Ok(reading) => reading,
+            Err(error) => {
+                self.state.map_read_errors += 1;
+                eprintln!("vsrscope: {error}");
+                return None;
+            }
+        };
+        let now = Instant::now();
+        self.window.record(now, &reading);
+        for (replica, (snapshot, pid)) in &reading.snapshots {
+            let journal_writes = reading
+                .counters
+                .get(replica)
+                .map_or(0, |c| c[vsrscope_common::counter::JOURNAL_WRITES]);
+            let Some((current, memory)) = sample_process(
+                *pid,
+                journal_writes,
+                snapshot.bytes_sent + snapshot.bytes_received,
+            ) else {
+                continue;
+            };
+            if let Some(previous) = self.samples.get(replica) {
+                self.resources
+                    .insert(*replica, resources(previous, &current, memory));
+            }
+            self.samples.insert(*replica, current);
+        }
+        Some(reading)
+    }
+}
+
+fn serve(targets: &Targets, listen: SocketAddr, window: Duration) -> anyhow::Result<()> {
+    let (tracer, described) = attach(targets)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        let attached_sites = tracer.attached_sites();
+        let shared = Arc::new(Mutex::new(Shared {
+            tracer,
+            window: QuantileWindow::new(window),
+            samples: BTreeMap::new(),
+            resources: BTreeMap::new(),
+            state: ExporterState {
+                attached_sites,
+                ..ExporterState::default()
+            },
+        }));
+        for target in &described {
+            eprintln!("vsrscope: attached to {target}");
+        }
+        eprintln!("vsrscope: serving http://{listen}/metrics");
+        let sampler = shared.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                ticker.tick().await;
+                sampler.lock().unwrap().sample();
+            }
+        });
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let Ok((stream, _)) = accepted else { continue };
+                    tokio::spawn(respond(stream, shared.clone()));
+                }
+                _ = interrupt.recv() => break,
+                _ = terminate.recv() => break,
+            }
+        }
+        shared.lock().unwrap().tracer.detach_all();
+        eprintln!("vsrscope: detached");
+        Ok(())
+    })
+}
+
+/// A minimal HTTP/1.1 responder: `GET /metrics` and nothing else, one request per connection.
+async fn respond(mut stream: tokio::net::TcpStream, shared: Arc<Mutex<Shared>>) {
+    let mut request = Vec::with_capacity(1024);
+    let mut buffer = [0u8; 1024];
+    while !request.windows(4).any(|window| window == b"\r\n\r\n") {
+        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer)).await {
+            Ok(Ok(read)) if read > 0 && request.len() < 16 * 1024 => {
+                request.extend_from_slice(&buffer[..read])
+            }
+            _ => return,
+        }
+    }
+    let line = String::from_utf8_lossy(&request);
+    let target = line.split_whitespace().take(2).collect::<Vec<_>>();
+    let (status, content_type, body) = match target.as_slice() {
+        ["GET", path] if *path == "/metrics" || path.starts_with("/metrics?") => {
+            let started = Instant::now();
+            let mut shared = shared.lock().unwrap();
+            match shared.sample() {
+                Some(reading) => {
+                    let body = exposition(
+                        &reading,
+                        &shared.window,
+                        &bounds_ms(),
+                        &shared.resources,
+                        &shared.state,
+                    );
+                    shared.state.last_scrape_seconds = started.elapsed().as_secs_f64();
+                    ("200 OK", "text/plain; version=0.0.4; charset=utf-8", body)
+                }
+                None => (
+                    "500 Internal Server Error",
+                    "text/plain",
+                    "map read failed\n".to_string(),
+                ),
+            }
+        }
+        ["GET", _] => (
+            "404 Not Found",
+            "text/plain",
+            "vsrscope serves /metrics\n".to_string(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET only\n".to_string(),
+        ),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = stream.write_all(head.as_bytes()).await;
+    let _ = stream.write_all(body.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+fn snapshot(targets: &Targets, json: bool, wait: Duration) -> anyhow::Result<()> {
+    let (tracer, _) = attach(targets)?;
+    let deadline = Instant::now() + wait;
+    let expected = if targets.pids.is_empty() {
+        1
+    } else {
+        targets.pids.len()
+    };
+    let reading = loop {
+        let reading = Reading::read(tracer.ebpf())?;
+        if reading.snapshots.len() >= expected
+            && Instant::now() + Duration::from_millis(600) >= deadline
+            || Instant::now() >= deadline
+        {
+            break reading;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    drop(tracer);
+    if reading.snapshots.is_empty() {
+        bail!(
+            "no replica published a state snapshot within {} s",
+            wait.as_secs()
+        );
+    }
+    if json {
+        let entries: Vec<String> = reading
+            .snapshots
+            .iter()
+            .map(|(replica, (s, pid))| {
+                format!(
+                    "{{\"replica_id\":{replica},\"pid\":{pid},\"status\":{},\"is_primary\":{},\"view\":{},\"op\":{},\"commit\":{},\"lag_operations\":{},\"log_bytes\":{},\"log_entries\":{},\"pending_requests\":{},\"prepare_ok_votes\":{},\"client_sessions_active\":{}}}",
+                    s.status, s.is_primary, s.view, s.op, s.commit, s.lag_operations, s.log_bytes, s.log_entries, s.pending_requests, s.prepare_ok_votes, s.client_sessions_active
+                )
+            })
+            .collect();
+        println!("[{}]", entries.join(","));
+    } else {
+        println!(
+            "{:>7} {:>7} {:>8} {:>7} {:>10} {:>10} {:>7} {:>12}",
+            "replica", "pid", "status", "view", "op", "commit", "lag", "log bytes"
+        );
+        for (replica, (s, pid)) in &reading.snapshots {
+            let status = vsr_probes::ReplicaStatus::from_u8(s.status)
+                .map_or("unknown", |status| status.label());
+            let role = if s.is_primary == 1 { "*" } else { "" };
+            println!(
+                "{:>7} {:>7} {:>8} {:>7} {:>10} {:>10} {:>7} {:>12}",
+                format!("{replica}{role}"),
+                pid,
+                status,
+                s.view,
+                s.op,
+                s.commit,
+                s.lag_operations,
+                s.log_bytes
+            );
+        }
+    }
+    Ok(())
 }

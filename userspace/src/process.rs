@@ -1,0 +1,86 @@
+//! What vsrscope learns about a target process from /proc: its binary, where that binary is
+//! mapped, and the current value of a probe semaphore.
+
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ProcessError {
+    #[error("no process with pid {0}")]
+    NoSuchProcess(u32),
+    #[error("pid {pid}: {reason}")]
+    Unreadable { pid: u32, reason: String },
+}
+
+/// The executable a process runs, as the kernel sees it (resolves through /proc/PID/exe, so it
+/// works across mount namespaces and after the path was replaced).
+pub fn executable(pid: u32) -> Result<PathBuf, ProcessError> {
+    let link = format!("/proc/{pid}/exe");
+    if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        return Err(ProcessError::NoSuchProcess(pid));
+    }
+    std::fs::read_link(&link).map_err(|error| ProcessError::Unreadable {
+        pid,
+        reason: format!("{link}: {error}"),
+    })
+}
+
+/// Load address of the executable's first mapping (file offset 0): add a virtual address from
+/// the ELF file to it to get the address in the process.
+pub fn load_base(pid: u32) -> Result<u64, ProcessError> {
+    let exe = executable(pid)?;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|error| {
+        ProcessError::Unreadable {
+            pid,
+            reason: format!("maps: {error}"),
+        }
+    })?;
+    let exe = exe.to_string_lossy();
+    maps.lines()
+        .find(|line| {
+            line.ends_with(exe.as_ref()) && line.split_whitespace().nth(2) == Some("00000000")
+        })
+        .and_then(|line| u64::from_str_radix(line.split('-').next()?, 16).ok())
+        .ok_or_else(|| ProcessError::Unreadable {
+            pid,
+            reason: format!("{exe} is not mapped"),
+        })
+}
+
+/// Reads a probe's 2-byte semaphore at `address` (already relocated) in the process.
+pub fn read_semaphore(pid: u32, address: u64) -> Result<u16, ProcessError> {
+    let memory = std::fs::File::open(format!("/proc/{pid}/mem")).map_err(|error| {
+        ProcessError::Unreadable {
+            pid,
+            reason: format!("mem: {error}"),
+        }
+    })?;
+    let mut value = [0u8; 2];
+    memory
+        .read_exact_at(&mut value, address)
+        .map_err(|error| ProcessError::Unreadable {
+            pid,
+            reason: format!("semaphore at {address:#x}: {error}"),
+        })?;
+    Ok(u16::from_le_bytes(value))
+}
+
+/// Every running process whose executable's file name is `name`.
+pub fn find_by_name(name: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            executable(*pid)
+                .ok()
+                .and_then(|path| path.file_name().map(|file| file == name))
+                .unwrap_or(false)
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
