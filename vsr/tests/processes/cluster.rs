@@ -9,7 +9,7 @@ use bytes::Bytes;
 use vsr::message::{Entry, Header, Message, SENDER_CLIENT};
 use vsr_probes::Command as Wire;
 
-use crate::harness::{BenchResult, Cluster, TestDirectory, replica_binary};
+use testkit::{BenchResult, Cluster, TestDirectory, replica_binary};
 
 const CLUSTER_ID: u64 = 1;
 
@@ -240,7 +240,7 @@ fn bad_configuration_gets_a_clear_error() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    crate::harness::wait_until("the replica to listen", Duration::from_secs(5), || {
+    testkit::wait_until("the replica to listen", Duration::from_secs(5), || {
         TcpStream::connect(&single).is_ok()
     });
     first.kill().unwrap();

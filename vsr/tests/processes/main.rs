@@ -1,5 +1,4 @@
 //! Tests against real processes: replicas, the load generator, bpftrace. Run as root.
 
 mod cluster;
-mod harness;
 mod probes;

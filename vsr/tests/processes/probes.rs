@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::cluster::{corrupt_middle_byte, register_frame, send_malformed_frames};
-use crate::harness::{BenchResult, Bpftrace, Cluster, map_value, tagged_rows, wait_until};
+use testkit::{BenchResult, Bpftrace, Cluster, map_value, tagged_rows, wait_until};
 
 fn program(binary: &Path, probes: &[(&str, &str)]) -> String {
     probes
@@ -406,7 +406,7 @@ fn probes_are_disabled_until_attached_and_again_after() {
 
 #[test]
 fn every_probe_is_in_the_binary_and_the_reference_and_a_no_probe_build_has_none() {
-    let binary = crate::harness::replica_binary();
+    let binary = testkit::replica_binary();
     let in_binary: BTreeSet<String> = probe_notes(&binary)
         .into_iter()
         .map(|(name, _)| name)

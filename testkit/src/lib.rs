@@ -1,5 +1,6 @@
-//! Real-process test harness: a cluster of `vsr-replica` processes on loopback, `vsr-bench`
-//! runs, and bpftrace sessions attached to the replicas. Every wait is a poll with a deadline.
+//! Real-process test harness shared by the replica's and vsrscope's tests: a cluster of
+//! `vsr-replica` processes on loopback, `vsr-bench` runs, and bpftrace sessions attached to the
+//! replicas. Every wait is a poll with a deadline.
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener};
@@ -11,12 +12,32 @@ use std::time::{Duration, Instant};
 
 static NEXT_DIRECTORY: AtomicU64 = AtomicU64::new(0);
 
+/// The directory holding the workspace's binaries: the test executable lives in its `deps/`.
+pub fn binary_directory() -> PathBuf {
+    let test = std::env::current_exe().unwrap();
+    test.parent()
+        .and_then(|deps| deps.parent())
+        .unwrap()
+        .to_path_buf()
+}
+
+/// A workspace binary, built before the tests run (`cargo build --release`; scripts/test does).
+pub fn binary(name: &str) -> PathBuf {
+    let path = binary_directory().join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --release` first",
+        path.display()
+    );
+    path
+}
+
 pub fn replica_binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_vsr-replica"))
+    binary("vsr-replica")
 }
 
 pub fn bench_binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_vsr-bench"))
+    binary("vsr-bench")
 }
 
 /// Polls `condition` until it holds or `timeout` passes.
@@ -32,6 +53,7 @@ pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> 
 }
 
 /// A directory removed when dropped (kept with `VSR_KEEP_TEST_DATA=1`).
+#[derive(Debug)]
 pub struct TestDirectory(pub PathBuf);
 
 impl TestDirectory {
@@ -61,6 +83,7 @@ fn free_port() -> u16 {
         .port()
 }
 
+#[derive(Debug)]
 pub struct Cluster {
     pub directory: TestDirectory,
     /// A private copy of the replica binary: a fresh inode per test, so uprobes (and their
@@ -318,6 +341,7 @@ impl BenchResult {
 
 /// A bpftrace session. The program gets a `BEGIN` that prints READY, and `attach` returns only
 /// once that line appeared, so every probe is attached before the test drives any event.
+#[derive(Debug)]
 pub struct Bpftrace {
     child: Child,
     output: Arc<Mutex<String>>,
