@@ -87,8 +87,14 @@ pub enum AttachError {
     TooManySites,
 }
 
-fn load_error(error: impl std::fmt::Display) -> AttachError {
-    let text = error.to_string();
+/// Classifies a load failure by its whole cause chain (aya puts the errno in a source).
+fn load_error(error: impl std::error::Error) -> AttachError {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
     if text.contains("EPERM") || text.contains("Operation not permitted") || text.contains("EACCES")
     {
         AttachError::Permission(text)

@@ -392,18 +392,15 @@ async fn respond(mut stream: tokio::net::TcpStream, shared: Arc<Mutex<Shared>>) 
 
 fn snapshot(targets: &Targets, json: bool, wait: Duration) -> anyhow::Result<()> {
     let (tracer, _) = attach(targets)?;
+    let mut expected = targets.pids.len();
+    for binary in &targets.binaries {
+        expected += process::find_by_executable(&binary.canonicalize()?).len();
+    }
     let deadline = Instant::now() + wait;
-    let expected = if targets.pids.is_empty() {
-        1
-    } else {
-        targets.pids.len()
-    };
     let reading = loop {
         let reading = Reading::read(tracer.ebpf())?;
-        if reading.snapshots.len() >= expected
-            && Instant::now() + Duration::from_millis(600) >= deadline
-            || Instant::now() >= deadline
-        {
+        let complete = expected > 0 && reading.snapshots.len() >= expected;
+        if complete || Instant::now() >= deadline {
             break reading;
         }
         std::thread::sleep(Duration::from_millis(100));

@@ -67,20 +67,25 @@ pub fn read_semaphore(pid: u32, address: u64) -> Result<u16, ProcessError> {
     Ok(u16::from_le_bytes(value))
 }
 
-/// Every running process whose executable's file name is `name`.
-pub fn find_by_name(name: &str) -> Vec<u32> {
+/// Every running process whose executable satisfies `matches`.
+fn processes(matches: impl Fn(&std::path::Path) -> bool) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     let mut pids: Vec<u32> = entries
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            executable(*pid)
-                .ok()
-                .and_then(|path| path.file_name().map(|file| file == name))
-                .unwrap_or(false)
-        })
+        .filter(|pid| executable(*pid).is_ok_and(|path| matches(&path)))
         .collect();
     pids.sort_unstable();
     pids
+}
+
+/// Every running process whose executable's file name is `name`.
+pub fn find_by_name(name: &str) -> Vec<u32> {
+    processes(|path| path.file_name().is_some_and(|file| file == name))
+}
+
+/// Every running process of the executable at `path` (canonical).
+pub fn find_by_executable(path: &std::path::Path) -> Vec<u32> {
+    processes(|executable| executable == path)
 }

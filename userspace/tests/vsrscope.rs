@@ -1,0 +1,582 @@
+//! vsrscope against real parts: a 3-replica cluster under `vsr-bench` load, uprobes in this
+//! kernel, bpftrace as an independent second observer, and a real Prometheus scraping
+//! `/metrics`. Ground truth is the load generator's record and bpftrace's own aggregation of the
+//! same probes, never vsrscope's output.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use testkit::{Bpftrace, Cluster, TestDirectory, tagged_rows, wait_until};
+
+const SEED_PREPARE_BOUNDS_MS: [f64; 9] = [0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0];
+
+fn vsrscope_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_vsrscope"))
+}
+
+fn free_address() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// `vsrscope serve` in the background; killed (SIGKILL) when dropped.
+struct Serve {
+    child: Child,
+    address: SocketAddr,
+    log: PathBuf,
+}
+
+impl Serve {
+    fn start(directory: &Path, arguments: &[&str]) -> Serve {
+        let address = free_address();
+        let log = directory.join(format!("vsrscope-{}.log", address.port()));
+        let child = Command::new(vsrscope_binary())
+            .arg("serve")
+            .args(arguments)
+            .arg("--listen")
+            .arg(address.to_string())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let serve = Serve {
+            child,
+            address,
+            log,
+        };
+        wait_until(
+            "vsrscope to serve /metrics",
+            Duration::from_secs(20),
+            || {
+                std::fs::read_to_string(&serve.log)
+                    .unwrap_or_default()
+                    .contains("serving")
+            },
+        );
+        serve
+    }
+
+    fn scrape(&self) -> Metrics {
+        let mut stream = TcpStream::connect(self.address).unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        Metrics::parse(body)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A parsed exposition: sample lines by their full series text (`name{labels}`).
+struct Metrics {
+    text: String,
+    samples: BTreeMap<String, f64>,
+}
+
+impl Metrics {
+    fn parse(text: &str) -> Metrics {
+        let samples = text
+            .lines()
+            .filter(|line| !line.starts_with('#') && !line.is_empty())
+            .map(|line| {
+                let (series, value) = line.rsplit_once(' ').unwrap();
+                (
+                    series.to_string(),
+                    value
+                        .parse()
+                        .unwrap_or_else(|_| panic!("bad value in {line:?}")),
+                )
+            })
+            .collect();
+        Metrics {
+            text: text.to_string(),
+            samples,
+        }
+    }
+
+    fn value(&self, series: &str) -> Option<f64> {
+        self.samples.get(series).copied()
+    }
+
+    fn get(&self, series: &str) -> f64 {
+        self.value(series)
+            .unwrap_or_else(|| panic!("no series {series} in:\n{}", self.text))
+    }
+}
+
+/// The rank-⌈q·n⌉ value, the definition the quantile gauges approximate.
+fn exact_quantile(sorted: &[u64], q: f64) -> f64 {
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1] as f64
+}
+
+struct Prometheus {
+    child: Child,
+    address: SocketAddr,
+}
+
+impl Prometheus {
+    fn start(directory: &Path, target: SocketAddr) -> Prometheus {
+        let address = free_address();
+        let config = directory.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: vsrscope\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                directory.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address={address}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus is installed (scripts/setup)");
+        Prometheus { child, address }
+    }
+
+    /// Runs an instant query through the HTTP API; returns the raw JSON.
+    fn query(&self, promql: &str) -> String {
+        let encoded: String = promql
+            .bytes()
+            .map(|byte| match byte {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'.' => (byte as char).to_string(),
+                _ => format!("%{byte:02X}"),
+            })
+            .collect();
+        http_get(self.address, &format!("/api/v1/query?query={encoded}"))
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn http_get(address: SocketAddr, path: &str) -> String {
+    let Ok(mut stream) = TcpStream::connect(address) else {
+        return String::new();
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response
+}
+
+#[test]
+fn metrics_match_ground_truth_and_a_real_prometheus_reads_them() {
+    let cluster = Cluster::start("vsrscope-accuracy", 3, &["--snapshot-interval-ms", "100"]);
+    cluster.wait_for_log(0, "Normal in view 0", Duration::from_secs(5));
+    let serve = Serve::start(
+        &cluster.directory.0,
+        &[
+            "--binary",
+            cluster.binary.to_str().unwrap(),
+            "--quantile-window-s",
+            "600",
+        ],
+    );
+    let prometheus = Prometheus::start(&cluster.directory.0, serve.address);
+    // bpftrace observes the same probes on the primary, independently of vsrscope.
+    let observer = Bpftrace::attach_pid(
+        cluster.pid(0),
+        &format!(
+            "usdt:{binary}:vsr:prepare_quorum {{ printf(\"quorum %d\\n\", arg2); }}\n\
+             usdt:{binary}:vsr:client_reply {{ printf(\"reply %d\\n\", arg4); }}\n",
+            binary = cluster.binary.display()
+        ),
+    );
+    let clients = 16u64;
+    let bench = cluster.bench(&["--duration-s", "3", "--clients", &clients.to_string()]);
+    assert!(bench.status.success(), "{}", bench.stderr);
+    let acknowledged = bench.acknowledged;
+    // Backups execute the last ops when the next heartbeat tells them the commit number.
+    wait_until(
+        "every replica to count every operation",
+        Duration::from_secs(10),
+        || {
+            let metrics = serve.scrape();
+            (0..3).all(|replica| {
+                metrics.value(&format!(
+                    "vsr_operations_total{{replica_id=\"{replica}\",status=\"success\"}}"
+                )) == Some(acknowledged as f64)
+            })
+        },
+    );
+    let observed = observer.finish();
+    let metrics = serve.scrape();
+
+    // Prepare latency: count and every seed bucket exactly as bpftrace saw them.
+    let mut quorum_ns: Vec<u64> = tagged_rows(&observed, "quorum ")
+        .into_iter()
+        .map(|row| row[0])
+        .collect();
+    quorum_ns.sort_unstable();
+    assert!(!quorum_ns.is_empty());
+    assert_eq!(
+        metrics.get("vsr_prepare_latency_ms_count{replica_id=\"0\"}"),
+        quorum_ns.len() as f64
+    );
+    for bound in SEED_PREPARE_BOUNDS_MS {
+        let expected = quorum_ns
+            .iter()
+            .filter(|ns| **ns as f64 <= bound * 1e6)
+            .count();
+        assert_eq!(
+            metrics.get(&format!(
+                "vsr_prepare_latency_ms_bucket{{replica_id=\"0\",le=\"{bound}\"}}"
+            )),
+            expected as f64,
+            "le={bound}"
+        );
+    }
+    let sum_ms = quorum_ns.iter().sum::<u64>() as f64 / 1e6;
+    assert!(
+        (metrics.get("vsr_prepare_latency_ms_sum{replica_id=\"0\"}") - sum_ms).abs()
+            < 1e-6 * sum_ms.max(1.0)
+    );
+
+    // Client latency: one event per reply (operations and registrations), quantiles within 2%.
+    let mut reply_ns: Vec<u64> = tagged_rows(&observed, "reply ")
+        .into_iter()
+        .map(|row| row[0])
+        .collect();
+    reply_ns.sort_unstable();
+    assert_eq!(reply_ns.len() as u64, acknowledged + clients);
+    assert_eq!(
+        metrics.get("vsr_client_latency_ms_count{replica_id=\"0\"}"),
+        reply_ns.len() as f64
+    );
+    for (q, suffix) in [(0.5, "p50"), (0.95, "p95"), (0.99, "p99")] {
+        let exact_ms = exact_quantile(&reply_ns, q) / 1e6;
+        let gauge = metrics.get(&format!(
+            "vsr_client_latency_ms_{suffix}{{replica_id=\"0\"}}"
+        ));
+        assert!(
+            (gauge - exact_ms).abs() <= 0.02 * exact_ms,
+            "{suffix}: gauge {gauge} vs exact {exact_ms}"
+        );
+    }
+
+    // Gauges from the snapshot probe: three normal replicas in view 0, one primary.
+    for replica in 0..3 {
+        assert_eq!(
+            metrics.get(&format!("vsr_replica_status{{replica_id=\"{replica}\"}}")),
+            0.0
+        );
+        assert_eq!(
+            metrics.get(&format!("vsr_cluster_size{{replica_id=\"{replica}\"}}")),
+            3.0
+        );
+        assert_eq!(
+            metrics.get(&format!("vsr_quorum_size{{replica_id=\"{replica}\"}}")),
+            2.0
+        );
+        assert!(
+            metrics.get(&format!(
+                "vsr_memory_used_bytes{{replica_id=\"{replica}\"}}"
+            )) > 1e6
+        );
+    }
+    assert_eq!(
+        metrics.get("vsr_op_number{replica_id=\"0\"}"),
+        quorum_ns.len() as f64
+    );
+    assert!(metrics.get("vsr_bytes_written_total{replica_id=\"0\"}") > 0.0);
+    assert!(
+        metrics.get("vsr_messages_sent_total{replica_id=\"0\",message_type=\"prepare\"}")
+            >= 2.0 * quorum_ns.len() as f64
+    );
+    assert_eq!(
+        metrics.get("vsrscope_lost_events_total{cause=\"unrecordable_hit\"}"),
+        0.0
+    );
+
+    // promtool parses the exposition. Its lint objects to names the seed prescribes (`_ms`,
+    // `_per_sec`, gauges ending in `_count`); those stay, as the seed is the requirement. Any
+    // other finding, or a parse error (exit 1), fails.
+    let exposition = cluster.directory.0.join("metrics.txt");
+    std::fs::write(&exposition, &metrics.text).unwrap();
+    let promtool = Command::new("sh")
+        .arg("-c")
+        .arg(format!("promtool check metrics < {}", exposition.display()))
+        .output()
+        .unwrap();
+    let findings = format!(
+        "{}{}",
+        String::from_utf8_lossy(&promtool.stdout),
+        String::from_utf8_lossy(&promtool.stderr)
+    );
+    let other_findings: Vec<&str> = findings
+        .lines()
+        .filter(|line| !line.starts_with("vsr_"))
+        .collect();
+    assert!(
+        matches!(promtool.status.code(), Some(0 | 3)),
+        "promtool could not parse it: {findings}"
+    );
+    assert!(
+        other_findings.is_empty(),
+        "promtool findings on vsrscope's own names: {other_findings:?}"
+    );
+
+    // The real Prometheus scraped it: counters, histogram quantiles and metadata work.
+    let load = cluster.bench_in_background(&["--duration-s", "6", "--clients", "8"]);
+    wait_until(
+        "Prometheus to see operations/s under load",
+        Duration::from_secs(30),
+        || {
+            let response =
+                prometheus.query("sum(rate(vsr_operations_total{status=\"success\"}[3s])) > 0");
+            response.contains("\"result\":[{")
+        },
+    );
+    let quantile = prometheus
+        .query("histogram_quantile(0.99, sum by (le) (rate(vsr_client_latency_ms_bucket[5s])))");
+    assert!(
+        quantile.contains("\"status\":\"success\"") && quantile.contains("\"result\":[{"),
+        "{quantile}"
+    );
+    let metadata = http_get(
+        prometheus.address,
+        "/api/v1/metadata?metric=vsr_prepare_latency_ms",
+    );
+    assert!(metadata.contains("\"type\":\"histogram\""), "{metadata}");
+    let metadata = http_get(
+        prometheus.address,
+        "/api/v1/metadata?metric=vsr_view_number",
+    );
+    assert!(metadata.contains("\"type\":\"gauge\""), "{metadata}");
+    let _ = testkit::BenchResult::from_child(load);
+}
+
+#[test]
+fn primary_failure_and_restart_show_up_and_attach_by_path_covers_the_new_process() {
+    let mut cluster = Cluster::start("vsrscope-faults", 3, &["--snapshot-interval-ms", "100"]);
+    cluster.wait_for_log(1, "Normal in view 0", Duration::from_secs(5));
+    let serve = Serve::start(
+        &cluster.directory.0,
+        &["--binary", cluster.binary.to_str().unwrap()],
+    );
+    let load = cluster.bench_in_background(&["--duration-s", "5", "--clients", "16", "--verify"]);
+    std::thread::sleep(Duration::from_secs(1));
+    cluster.kill(0);
+    wait_until(
+        "the view change in the metrics",
+        Duration::from_secs(15),
+        || {
+            let metrics = serve.scrape();
+            metrics
+                .value("vsr_view_changes_total{replica_id=\"1\",reason=\"primary_disconnected\"}")
+                == Some(1.0)
+                && metrics.value("vsr_view_change_latency_ms_count{replica_id=\"1\"}") == Some(1.0)
+                && metrics.value("vsr_view_number{replica_id=\"1\"}") == Some(1.0)
+        },
+    );
+    cluster.start_replica(0);
+    let new_pid = cluster.pid(0);
+    wait_until(
+        "the restarted replica's recovery in the metrics",
+        Duration::from_secs(20),
+        || {
+            let metrics = serve.scrape();
+            metrics.value("vsr_recovery_latency_ms_count{replica_id=\"0\"}") == Some(1.0)
+                && metrics.value("vsr_view_number{replica_id=\"0\"}") == Some(1.0)
+                && metrics.value("vsr_replica_status{replica_id=\"0\"}") == Some(0.0)
+        },
+    );
+    testkit::BenchResult::from_child(load).assert_verified();
+    assert!(serve.log().contains("all processes"));
+    assert!(std::path::Path::new(&format!("/proc/{new_pid}")).exists());
+}
+
+/// Every semaphore of the replica, read from its memory.
+fn semaphores(pid: u32) -> Vec<(String, u16)> {
+    let binary = vsrscope::process::executable(pid).unwrap();
+    let base = vsrscope::process::load_base(pid).unwrap();
+    let discovery = vsrscope::usdt::discover_file(&binary).unwrap();
+    let mut values: Vec<(String, u16)> = discovery
+        .sites
+        .iter()
+        .map(|site| {
+            (
+                site.name.clone(),
+                vsrscope::process::read_semaphore(pid, base + site.semaphore_address).unwrap(),
+            )
+        })
+        .collect();
+    values.dedup();
+    values
+}
+
+fn loaded_vsrscope_programs() -> usize {
+    let output = Command::new("bpftool")
+        .args(["prog", "show"])
+        .output()
+        .expect("bpftool is installed (scripts/setup)");
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.lines()
+        .filter(|line| {
+            line.contains("name prepare_quorum") || line.contains("name client_reply_ba")
+        })
+        .count()
+}
+
+#[test]
+fn sigkill_of_vsrscope_leaves_no_probe_enabled_and_no_program_loaded() {
+    let cluster = Cluster::start("vsrscope-sigkill", 1, &[]);
+    let pid = cluster.pid(0);
+    assert!(
+        semaphores(pid).iter().all(|(_, value)| *value == 0),
+        "{:?}",
+        semaphores(pid)
+    );
+    let mut serve = Serve::start(&cluster.directory.0, &["--pid", &pid.to_string()]);
+    let enabled: Vec<String> = semaphores(pid)
+        .into_iter()
+        .filter(|(_, value)| *value > 0)
+        .map(|(name, _)| name)
+        .collect();
+    assert!(
+        enabled.contains(&"prepare_quorum".to_string())
+            && enabled.contains(&"state_snapshot".to_string()),
+        "{enabled:?}"
+    );
+    assert!(
+        !enabled.contains(&"client_reply".to_string()),
+        "vsrscope leaves per-request probes off: {enabled:?}"
+    );
+    assert!(loaded_vsrscope_programs() > 0);
+    serve.child.kill().unwrap();
+    serve.child.wait().unwrap();
+    wait_until("semaphores back to 0", Duration::from_secs(10), || {
+        semaphores(pid).iter().all(|(_, value)| *value == 0)
+    });
+    wait_until("programs unloaded", Duration::from_secs(10), || {
+        loaded_vsrscope_programs() == 0
+    });
+    let bench = cluster.bench(&["--duration-s", "1", "--clients", "4", "--verify"]);
+    bench.assert_verified();
+}
+
+fn vsrscope(arguments: &[&str]) -> std::process::Output {
+    Command::new(vsrscope_binary())
+        .args(arguments)
+        .output()
+        .unwrap()
+}
+
+fn assert_clear_failure(output: &std::process::Output, expected: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "should fail: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one clear line: {stderr}");
+    assert!(
+        stderr.contains(expected),
+        "expected {expected:?} in {stderr}"
+    );
+}
+
+#[test]
+fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
+    let directory = TestDirectory::new("vsrscope-bad-input");
+    let not_elf = directory.0.join("notes.txt");
+    std::fs::write(&not_elf, b"not an executable").unwrap();
+    let not_elf = not_elf.to_str().unwrap();
+    assert_clear_failure(
+        &vsrscope(&["serve", "--pid", "999999"]),
+        "no process with pid 999999",
+    );
+    assert_clear_failure(
+        &vsrscope(&["serve", "--binary", not_elf]),
+        "not an ELF file",
+    );
+    assert_clear_failure(
+        &vsrscope(&["serve", "--binary", "/bin/true"]),
+        "no `vsr` probes",
+    );
+    assert_clear_failure(
+        &vsrscope(&["serve", "--binary", "/no/such/file"]),
+        "no such file",
+    );
+    assert_clear_failure(
+        &vsrscope(&["list", "--binary", "/bin/true"]),
+        "no USDT probes",
+    );
+    assert_clear_failure(
+        &vsrscope(&["list", "--pid", "999999"]),
+        "no process with pid 999999",
+    );
+    let no_probes = std::env::var("VSR_NO_PROBES_REPLICA")
+        .expect("scripts/test builds the no-probe replica and sets VSR_NO_PROBES_REPLICA");
+    assert_clear_failure(
+        &vsrscope(&["list", "--binary", &no_probes]),
+        "no USDT probes",
+    );
+
+    let replica = testkit::replica_binary();
+    let unprivileged = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(vsrscope_binary())
+        .args(["serve", "--binary", replica.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_clear_failure(&unprivileged, "CAP_BPF and CAP_PERFMON");
+}
+
+#[test]
+fn snapshot_prints_every_replica_once() {
+    let cluster = Cluster::start("vsrscope-snapshot", 3, &["--snapshot-interval-ms", "100"]);
+    cluster.wait_for_log(2, "Normal in view 0", Duration::from_secs(5));
+    let output = vsrscope(&[
+        "snapshot",
+        "--binary",
+        cluster.binary.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json = String::from_utf8_lossy(&output.stdout);
+    for replica in 0..3 {
+        assert!(
+            json.contains(&format!("\"replica_id\":{replica},")),
+            "{json}"
+        );
+    }
+    assert_eq!(json.matches("\"is_primary\":1").count(), 1, "{json}");
+}
