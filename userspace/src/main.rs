@@ -66,6 +66,14 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         wait_s: u64,
     },
+    /// A live view per replica, refreshed in place every second; Ctrl-C to quit.
+    Top {
+        #[command(flatten)]
+        targets: Targets,
+        /// Stop after this many refreshes (default: until interrupted).
+        #[arg(long)]
+        iterations: Option<u64>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -85,6 +93,10 @@ fn main() -> ExitCode {
             json,
             wait_s,
         } => snapshot(&targets, json, Duration::from_secs(wait_s)),
+        Command::Top {
+            targets,
+            iterations,
+        } => top(&targets, iterations),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -447,4 +459,115 @@ fn snapshot(targets: &Targets, json: bool, wait: Duration) -> anyhow::Result<()>
         }
     }
     Ok(())
+}
+
+/// Client latency quantile of one replica over the window, in milliseconds, or "-".
+fn client_quantile(reading: &Reading, window: &QuantileWindow, replica: u32, q: f64) -> String {
+    reading
+        .histograms
+        .get(&(vsrscope_common::histogram::CLIENT, replica))
+        .and_then(|histogram| {
+            window.quantile_ms(
+                (vsrscope_common::histogram::CLIENT, replica),
+                &histogram.fine,
+                q,
+            )
+        })
+        .map_or("-".into(), |ms| format!("{ms:.2}"))
+}
+
+fn top(targets: &Targets, iterations: Option<u64>) -> anyhow::Result<()> {
+    let (tracer, described) = attach(targets)?;
+    let interrupted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        let flag = interrupted.clone();
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { signal_hook_store(signal, flag) };
+    }
+    let mut window = QuantileWindow::new(Duration::from_secs(10));
+    let mut previous: Option<(Instant, BTreeMap<u32, u64>)> = None;
+    let mut refreshes = 0;
+    while !interrupted.load(std::sync::atomic::Ordering::Relaxed)
+        && iterations.is_none_or(|limit| refreshes < limit)
+    {
+        let reading = Reading::read(tracer.ebpf())?;
+        let now = Instant::now();
+        window.record(now, &reading);
+        let operations: BTreeMap<u32, u64> = reading
+            .counters
+            .iter()
+            .map(|(replica, values)| {
+                (
+                    *replica,
+                    values[vsrscope_common::counter::OPERATIONS_SUCCESS],
+                )
+            })
+            .collect();
+        // Clear the screen and home the cursor, then redraw.
+        let mut screen = String::from("\x1b[2J\x1b[H");
+        screen.push_str(&format!("vsrscope top — {}\n\n", described.join("; ")));
+        screen.push_str(&format!(
+            "{:>8} {:>11} {:>6} {:>10} {:>8} {:>9} {:>9} {:>6}\n",
+            "replica", "status", "view", "commit", "ops/s", "p50 ms", "p99 ms", "lag"
+        ));
+        for (replica, (snapshot, _)) in &reading.snapshots {
+            let status = vsr_probes::ReplicaStatus::from_u8(snapshot.status)
+                .map_or("unknown", |status| status.label());
+            let rate = previous.as_ref().map_or("-".to_string(), |(at, before)| {
+                let delta = operations
+                    .get(replica)
+                    .copied()
+                    .unwrap_or(0)
+                    .saturating_sub(before.get(replica).copied().unwrap_or(0));
+                format!(
+                    "{:.0}",
+                    delta as f64 / now.duration_since(*at).as_secs_f64()
+                )
+            });
+            screen.push_str(&format!(
+                "{:>8} {:>11} {:>6} {:>10} {:>8} {:>9} {:>9} {:>6}\n",
+                format!(
+                    "{replica}{}",
+                    if snapshot.is_primary == 1 { "*" } else { "" }
+                ),
+                status,
+                snapshot.view,
+                snapshot.commit,
+                rate,
+                client_quantile(&reading, &window, *replica, 0.50),
+                client_quantile(&reading, &window, *replica, 0.99),
+                snapshot.lag_operations
+            ));
+        }
+        screen.push_str("\n* primary; latencies over the last 10 s; Ctrl-C to quit\n");
+        print!("{screen}");
+        use std::io::Write as _;
+        std::io::stdout().flush()?;
+        previous = Some((now, operations));
+        refreshes += 1;
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    Ok(())
+}
+
+/// Sets `flag` when `signal` arrives.
+///
+/// # Safety
+/// Replaces the process's handler for `signal`.
+unsafe fn signal_hook_store(signal: libc::c_int, flag: Arc<std::sync::atomic::AtomicBool>) {
+    static FLAG: std::sync::OnceLock<Arc<std::sync::atomic::AtomicBool>> =
+        std::sync::OnceLock::new();
+    let _ = FLAG.set(flag);
+    extern "C" fn handler(_: libc::c_int) {
+        if let Some(flag) = FLAG.get() {
+            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    // SAFETY: `handler` only touches an atomic through an already-initialised OnceLock.
+    unsafe {
+        libc::signal(
+            signal,
+            handler as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        )
+    };
 }

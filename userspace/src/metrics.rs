@@ -181,6 +181,16 @@ impl QuantileWindow {
         }
     }
 
+    /// The `q` quantile of one series over the window, in milliseconds.
+    pub fn quantile_ms(
+        &self,
+        key: (u32, u32),
+        current: &BTreeMap<u32, u64>,
+        q: f64,
+    ) -> Option<f64> {
+        quantile_ns(&self.windowed(key, current), q).map(|ns| ns / 1e6)
+    }
+
     /// Events of one series inside the window: current counts minus the oldest kept copy.
     fn windowed(&self, key: (u32, u32), current: &BTreeMap<u32, u64>) -> BTreeMap<u32, u64> {
         let base = self.history.front().and_then(|(_, fine)| fine.get(&key));
@@ -328,9 +338,10 @@ pub fn exposition(
                 ),
             );
             for ((_, replica), reading) in &series {
-                let windowed = window.windowed((histogram as u32, *replica), &reading.fine);
-                if let Some(value) = quantile_ns(&windowed, q) {
-                    out.sample(&family, &[replica_label(*replica)], milliseconds(value));
+                if let Some(value) =
+                    window.quantile_ms((histogram as u32, *replica), &reading.fine, q)
+                {
+                    out.sample(&family, &[replica_label(*replica)], format!("{value}"));
                 }
             }
         }

@@ -557,7 +557,7 @@ fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
 }
 
 #[test]
-fn snapshot_prints_every_replica_once() {
+fn snapshot_and_top_show_every_replica() {
     let cluster = Cluster::start("vsrscope-snapshot", 3, &["--snapshot-interval-ms", "100"]);
     cluster.wait_for_log(2, "Normal in view 0", Duration::from_secs(5));
     let output = vsrscope(&[
@@ -579,4 +579,46 @@ fn snapshot_prints_every_replica_once() {
         );
     }
     assert_eq!(json.matches("\"is_primary\":1").count(), 1, "{json}");
+}
+
+#[test]
+fn top_refreshes_a_row_per_replica_with_its_rate() {
+    let cluster = Cluster::start("vsrscope-top", 3, &["--snapshot-interval-ms", "100"]);
+    cluster.wait_for_log(2, "Normal in view 0", Duration::from_secs(5));
+    let load =
+        cluster.bench_in_background(&["--duration-s", "5", "--rate", "2000", "--clients", "8"]);
+    let output = vsrscope(&[
+        "top",
+        "--binary",
+        cluster.binary.to_str().unwrap(),
+        "--iterations",
+        "3",
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    let last = text.rsplit("vsrscope top").next().unwrap();
+    let rows: Vec<&str> = last
+        .lines()
+        .filter(|line| line.contains("normal"))
+        .collect();
+    assert_eq!(rows.len(), 3, "{last}");
+    assert!(
+        rows[0].trim_start().starts_with("0*"),
+        "replica 0 is primary: {last}"
+    );
+    // ops/s near the target rate on every replica (they all execute every op).
+    for row in rows {
+        let rate: f64 = row
+            .split_whitespace()
+            .nth(4)
+            .unwrap()
+            .parse()
+            .unwrap_or_else(|_| panic!("{row}"));
+        assert!((1000.0..3000.0).contains(&rate), "{row}");
+    }
+    let _ = testkit::BenchResult::from_child(load);
 }
