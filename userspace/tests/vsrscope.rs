@@ -622,3 +622,63 @@ fn top_refreshes_a_row_per_replica_with_its_rate() {
     }
     let _ = testkit::BenchResult::from_child(load);
 }
+
+/// Compiles `tests/sdt/fire.c` at `optimisation` into `directory`.
+fn compile_sdt_program(directory: &Path, optimisation: &str) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdt/fire.c");
+    let binary = directory.join(format!("fire{optimisation}"));
+    let status = Command::new("gcc").arg(optimisation).arg(&source).arg("-o").arg(&binary).status().unwrap();
+    assert!(status.success(), "gcc {optimisation} (needs systemtap-sdt-dev, installed by scripts/setup)");
+    binary
+}
+
+/// The byte at each site's file offset must be the probe's `nop`: proof that the address was
+/// translated to the right place in the file, whatever the linker's layout.
+fn assert_sites_are_nops(binary: &Path) -> usize {
+    let bytes = std::fs::read(binary).unwrap();
+    let discovery = vsrscope::usdt::discover_file(binary).unwrap();
+    assert!(!discovery.sites.is_empty(), "{}", binary.display());
+    for site in &discovery.sites {
+        assert_eq!(bytes[site.file_offset as usize], 0x90, "{} {} at {:#x}", binary.display(), site.name, site.file_offset);
+    }
+    discovery.sites.len()
+}
+
+#[test]
+fn c_probes_at_o0_and_o2_decode_stack_register_and_constant_arguments() {
+    let directory = TestDirectory::new("vsrscope-sdt");
+    let count = 1000u64;
+    for optimisation in ["-O0", "-O2"] {
+        let binary = compile_sdt_program(&directory.0, optimisation);
+        assert_sites_are_nops(&binary);
+        let discovery = vsrscope::usdt::discover_file(&binary).unwrap();
+        let site = &discovery.sites[0];
+        let kinds: Vec<u8> = site.arguments.iter().map(|argument| argument.kind).collect();
+        if optimisation == "-O0" {
+            assert!(kinds.contains(&vsrscope_common::ARG_REGISTER_DEREF), "stack arguments at -O0: {}", site.arguments_text);
+        } else {
+            assert!(kinds.contains(&vsrscope_common::ARG_CONSTANT), "a constant at -O2: {}", site.arguments_text);
+        }
+        // The eBPF side reads them right: count and exact sum of the fired latencies.
+        let serve = Serve::start(&directory.0, &["--binary", binary.to_str().unwrap()]);
+        let status = Command::new(&binary).arg(count.to_string()).status().unwrap();
+        assert!(status.success());
+        let metrics = serve.scrape();
+        assert_eq!(metrics.get("vsr_prepare_latency_ms_count{replica_id=\"3\"}"), count as f64, "{optimisation}");
+        let expected_sum_ms = (0..count).map(|op| 1_000_000 + op).sum::<u64>() as f64 / 1e6;
+        let sum = metrics.get("vsr_prepare_latency_ms_sum{replica_id=\"3\"}");
+        assert!((sum - expected_sum_ms).abs() < 1e-6, "{optimisation}: sum {sum} vs {expected_sum_ms}");
+        assert_eq!(metrics.get("vsr_prepare_latency_ms_bucket{replica_id=\"3\",le=\"1\"}"), 1.0, "only latency 1000000 ns is ≤ 1 ms");
+    }
+}
+
+#[test]
+fn replica_sites_translate_to_nops_with_rust_lld_and_gnu_ld() {
+    assert!(assert_sites_are_nops(&testkit::replica_binary()) > 20);
+    let gnu_ld = std::env::var("VSR_GNU_LD_REPLICA")
+        .expect("scripts/test builds the replica with GNU ld and sets VSR_GNU_LD_REPLICA");
+    let gnu_ld = Path::new(&gnu_ld);
+    assert!(assert_sites_are_nops(gnu_ld) > 20);
+    let names = |binary: &Path| vsrscope::usdt::discover_file(binary).unwrap().probe_names("vsr").into_iter().map(String::from).collect::<Vec<_>>();
+    assert_eq!(names(gnu_ld), names(&testkit::replica_binary()));
+}
