@@ -140,6 +140,42 @@ pub mod counter {
     }
 }
 
+/// The eBPF programs, each named after the probe it attaches to; the index is the program's
+/// id in the `HITS` self-counters.
+pub mod program {
+    pub const PREPARE_QUORUM: usize = 0;
+    pub const COMMIT: usize = 1;
+    pub const CLIENT_REPLY_BATCH: usize = 2;
+    pub const VIEW_CHANGE_DONE: usize = 3;
+    pub const RECOVERY_DONE: usize = 4;
+    pub const REPAIR_DONE: usize = 5;
+    pub const COMMIT_EXECUTE: usize = 6;
+    pub const JOURNAL_WRITE: usize = 7;
+    pub const VIEW_CHANGE_START: usize = 8;
+    pub const CHECKSUM_FAILURE: usize = 9;
+    pub const BYZANTINE_REJECTION: usize = 10;
+    pub const DUPLICATE_REQUEST: usize = 11;
+    pub const SESSION_EVICT: usize = 12;
+    pub const STATE_SNAPSHOT: usize = 13;
+
+    pub const NAMES: [&str; 14] = [
+        "prepare_quorum",
+        "commit",
+        "client_reply_batch",
+        "view_change_done",
+        "recovery_done",
+        "repair_done",
+        "commit_execute",
+        "journal_write",
+        "view_change_start",
+        "checksum_failure",
+        "byzantine_rejection",
+        "duplicate_request",
+        "session_evict",
+        "state_snapshot",
+    ];
+}
+
 /// vsrscope's own health, counted in the kernel.
 pub mod self_metric {
     /// Probe hits handled, per program kind (see `program`).

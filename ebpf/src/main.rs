@@ -22,7 +22,7 @@ use aya_ebpf::programs::ProbeContext;
 use vsrscope_common::histogram::{self, BOUNDS_MAX, Bounds, FINE_BUCKETS, Series};
 use vsrscope_common::{
     ARG_CONSTANT, ARG_REGISTER, ARG_REGISTER_DEREF, ARGS_MAX, REPLICAS_MAX, SITES_MAX,
-    SNAPSHOT_BYTES, SiteSpec, SnapshotSlot, counter, self_metric,
+    SNAPSHOT_BYTES, SiteSpec, SnapshotSlot, counter, program, self_metric,
 };
 
 #[map]
@@ -46,24 +46,6 @@ static SNAPSHOTS: Array<SnapshotSlot> = Array::with_max_entries(REPLICAS_MAX, 0)
 
 #[map]
 static SELF_COUNTERS: PerCpuArray<self_metric::SelfCounters> = PerCpuArray::with_max_entries(1, 0);
-
-/// Program ids for the `HITS` self-counters.
-mod program {
-    pub const PREPARE_QUORUM: usize = 0;
-    pub const COMMIT: usize = 1;
-    pub const CLIENT_REPLY_BATCH: usize = 2;
-    pub const VIEW_CHANGE_DONE: usize = 3;
-    pub const RECOVERY_DONE: usize = 4;
-    pub const REPAIR_DONE: usize = 5;
-    pub const COMMIT_EXECUTE: usize = 6;
-    pub const JOURNAL_WRITE: usize = 7;
-    pub const VIEW_CHANGE_START: usize = 8;
-    pub const CHECKSUM_FAILURE: usize = 9;
-    pub const BYZANTINE_REJECTION: usize = 10;
-    pub const DUPLICATE_REQUEST: usize = 11;
-    pub const SESSION_EVICT: usize = 12;
-    pub const STATE_SNAPSHOT: usize = 13;
-}
 
 /// The most latencies one `client_reply_batch` hit records; the rest are counted as lost.
 const BATCH_LATENCIES_MAX: u64 = 65_536;

@@ -6,7 +6,10 @@
 use std::time::Instant;
 
 fn main() {
-    let hits: u64 = std::env::args().nth(1).and_then(|text| text.parse().ok()).unwrap_or(2_000_000);
+    let hits: u64 = std::env::args()
+        .nth(1)
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(2_000_000);
     let started = Instant::now();
     for op in 0..hits {
         // The arguments are cheap and depend on the loop so the call cannot be hoisted.

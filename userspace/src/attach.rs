@@ -28,22 +28,7 @@ static EBPF_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vs
 pub const PROVIDER: &str = "vsr";
 
 /// Programs in the object, each named after the probe it attaches to.
-pub const PROGRAMS: &[&str] = &[
-    "prepare_quorum",
-    "commit",
-    "client_reply_batch",
-    "view_change_done",
-    "recovery_done",
-    "repair_done",
-    "commit_execute",
-    "journal_write",
-    "view_change_start",
-    "checksum_failure",
-    "byzantine_rejection",
-    "duplicate_request",
-    "session_evict",
-    "state_snapshot",
-];
+pub const PROGRAMS: &[&str] = &vsrscope_common::program::NAMES;
 
 /// The seed's bucket bounds in milliseconds, per histogram id (`vsrscope_common::histogram`).
 pub const SEED_BOUNDS_MS: [&[f64]; histogram::COUNT as usize] = [

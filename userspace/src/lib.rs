@@ -4,4 +4,6 @@
 pub mod attach;
 pub mod metrics;
 pub mod process;
-pub mod usdt;
+
+/// USDT discovery, from its own crate so the fuzzer can build it alone.
+pub use vsrscope_usdt as usdt;

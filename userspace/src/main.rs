@@ -54,6 +54,12 @@ enum Command {
         /// Quantile gauges (_p50, _p95, _p99) cover this many seconds.
         #[arg(long, default_value_t = 60)]
         quantile_window_s: u64,
+        /// Attach only while scrapes keep coming: at the first scrape, and detach after
+        /// --idle-timeout-s without one. Counters stay monotonic across re-attach.
+        #[arg(long)]
+        on_demand: bool,
+        #[arg(long, default_value_t = 60, requires = "on_demand")]
+        idle_timeout_s: u64,
     },
     /// Attach, wait for one state snapshot from each replica, print it, detach.
     Snapshot {
@@ -87,7 +93,14 @@ fn main() -> ExitCode {
             targets,
             listen,
             quantile_window_s,
-        } => serve(&targets, listen, Duration::from_secs(quantile_window_s)),
+            on_demand,
+            idle_timeout_s,
+        } => serve(
+            &targets,
+            listen,
+            Duration::from_secs(quantile_window_s),
+            on_demand.then(|| Duration::from_secs(idle_timeout_s)),
+        ),
         Command::Snapshot {
             targets,
             json,
@@ -158,9 +171,13 @@ fn bounds_ms() -> Vec<Vec<f64>> {
         .collect()
 }
 
-/// Resolves the targets and attaches to each; returns the tracer and what it attached to.
-fn attach(targets: &Targets) -> anyhow::Result<(Tracer, Vec<String>)> {
-    let mut plan: Vec<(PathBuf, Option<u32>)> = Vec::new();
+/// What to attach to: each binary, with the one process to limit it to (or all of them).
+type Plan = Vec<(PathBuf, Option<u32>)>;
+
+/// Resolves the targets: pids to their executables, binaries to canonical paths, and by default
+/// every distinct executable of the running vsr-replica processes.
+fn plan(targets: &Targets) -> anyhow::Result<Plan> {
+    let mut plan: Plan = Vec::new();
     for pid in &targets.pids {
         plan.push((process::executable(*pid)?, Some(*pid)));
     }
@@ -183,16 +200,29 @@ fn attach(targets: &Targets) -> anyhow::Result<(Tracer, Vec<String>)> {
         binaries.dedup();
         plan.extend(binaries.into_iter().map(|binary| (binary, None)));
     }
-    let mut tracer = Tracer::load(&bounds_ms())?;
+    Ok(plan)
+}
+
+/// Attaches to every target of the plan; returns what it attached to, for the log.
+fn attach_plan(tracer: &mut Tracer, plan: &Plan) -> anyhow::Result<Vec<String>> {
     let mut described = Vec::new();
     for (binary, pid) in plan {
-        let discovery = usdt::discover_file(&binary)?;
-        let sites = tracer.attach(&binary, &discovery, pid)?;
+        let (binary, pid) = (binary.as_path(), *pid);
+        let discovery = usdt::discover_file(binary)?;
+        let sites = tracer.attach(binary, &discovery, pid)?;
         described.push(match pid {
             Some(pid) => format!("pid {pid} ({}, {sites} sites)", binary.display()),
             None => format!("{} (all processes, {sites} sites)", binary.display()),
         });
     }
+    Ok(described)
+}
+
+/// Loads the programs and attaches to the targets.
+fn attach(targets: &Targets) -> anyhow::Result<(Tracer, Vec<String>)> {
+    let plan = plan(targets)?;
+    let mut tracer = Tracer::load(&bounds_ms())?;
+    let described = attach_plan(&mut tracer, &plan)?;
     Ok((tracer, described))
 }
 
@@ -254,6 +284,10 @@ fn resources(previous: &ProcessSample, current: &ProcessSample, memory_bytes: u6
 
 struct Shared {
     tracer: Tracer,
+    plan: Plan,
+    /// With `--on-demand`: detach after this long without a scrape.
+    idle_timeout: Option<Duration>,
+    last_scrape: Instant,
     window: QuantileWindow,
     samples: BTreeMap<u32, ProcessSample>,
     resources: BTreeMap<u32, Resources>,
@@ -261,6 +295,33 @@ struct Shared {
 }
 
 impl Shared {
+    /// Attaches if detached (on-demand mode); the maps, and so every counter, persist across
+    /// detach and re-attach.
+    fn ensure_attached(&mut self) -> anyhow::Result<()> {
+        if self.tracer.attached_sites() == 0 {
+            for target in attach_plan(&mut self.tracer, &self.plan)? {
+                eprintln!("vsrscope: attached to {target}");
+            }
+            self.state.attached_sites = self.tracer.attached_sites();
+        }
+        Ok(())
+    }
+
+    /// On-demand mode: detach once scrapes stopped, so unobserved replicas run at detached speed.
+    fn detach_if_idle(&mut self) {
+        let idle = self
+            .idle_timeout
+            .is_some_and(|timeout| self.last_scrape.elapsed() > timeout);
+        if idle && self.tracer.attached_sites() > 0 {
+            self.tracer.detach_all();
+            self.state.attached_sites = 0;
+            eprintln!(
+                "vsrscope: no scrape for {:?}: detached",
+                self.idle_timeout.unwrap()
+            );
+        }
+    }
+
     /// Reads the maps; keeps the quantile window and the resource rates current.
     fn sample(&mut self) -> Option<Reading> {
         let reading = match Reading::read(self.tracer.ebpf()) {
@@ -295,8 +356,19 @@ impl Shared {
     }
 }
 
-fn serve(targets: &Targets, listen: SocketAddr, window: Duration) -> anyhow::Result<()> {
-    let (tracer, described) = attach(targets)?;
+fn serve(
+    targets: &Targets,
+    listen: SocketAddr,
+    window: Duration,
+    idle_timeout: Option<Duration>,
+) -> anyhow::Result<()> {
+    let plan = plan(targets)?;
+    let mut tracer = Tracer::load(&bounds_ms())?;
+    let described = if idle_timeout.is_some() {
+        Vec::new()
+    } else {
+        attach_plan(&mut tracer, &plan)?
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -307,6 +379,9 @@ fn serve(targets: &Targets, listen: SocketAddr, window: Duration) -> anyhow::Res
         let attached_sites = tracer.attached_sites();
         let shared = Arc::new(Mutex::new(Shared {
             tracer,
+            plan,
+            idle_timeout,
+            last_scrape: Instant::now(),
             window: QuantileWindow::new(window),
             samples: BTreeMap::new(),
             resources: BTreeMap::new(),
@@ -318,13 +393,18 @@ fn serve(targets: &Targets, listen: SocketAddr, window: Duration) -> anyhow::Res
         for target in &described {
             eprintln!("vsrscope: attached to {target}");
         }
+        if idle_timeout.is_some() {
+            eprintln!("vsrscope: on demand: attaching at the first scrape");
+        }
         eprintln!("vsrscope: serving http://{listen}/metrics");
         let sampler = shared.clone();
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(Duration::from_secs(1));
             loop {
                 ticker.tick().await;
-                sampler.lock().unwrap().sample();
+                let mut shared = sampler.lock().unwrap();
+                shared.detach_if_idle();
+                shared.sample();
             }
         });
         let mut interrupt = signal(SignalKind::interrupt())?;
@@ -363,6 +443,10 @@ async fn respond(mut stream: tokio::net::TcpStream, shared: Arc<Mutex<Shared>>) 
         ["GET", path] if *path == "/metrics" || path.starts_with("/metrics?") => {
             let started = Instant::now();
             let mut shared = shared.lock().unwrap();
+            shared.last_scrape = started;
+            if let Err(error) = shared.ensure_attached() {
+                eprintln!("vsrscope: attach on demand: {error:#}");
+            }
             match shared.sample() {
                 Some(reading) => {
                     let body = exposition(
@@ -482,7 +566,7 @@ fn top(targets: &Targets, iterations: Option<u64>) -> anyhow::Result<()> {
     for signal in [libc::SIGINT, libc::SIGTERM] {
         let flag = interrupted.clone();
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe { signal_hook_store(signal, flag) };
+        unsafe { set_flag_on_signal(signal, flag) };
     }
     let mut window = QuantileWindow::new(Duration::from_secs(10));
     let mut previous: Option<(Instant, BTreeMap<u32, u64>)> = None;
@@ -554,7 +638,7 @@ fn top(targets: &Targets, iterations: Option<u64>) -> anyhow::Result<()> {
 ///
 /// # Safety
 /// Replaces the process's handler for `signal`.
-unsafe fn signal_hook_store(signal: libc::c_int, flag: Arc<std::sync::atomic::AtomicBool>) {
+unsafe fn set_flag_on_signal(signal: libc::c_int, flag: Arc<std::sync::atomic::AtomicBool>) {
     static FLAG: std::sync::OnceLock<Arc<std::sync::atomic::AtomicBool>> =
         std::sync::OnceLock::new();
     let _ = FLAG.set(flag);

@@ -627,8 +627,17 @@ fn top_refreshes_a_row_per_replica_with_its_rate() {
 fn compile_sdt_program(directory: &Path, optimisation: &str) -> PathBuf {
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdt/fire.c");
     let binary = directory.join(format!("fire{optimisation}"));
-    let status = Command::new("gcc").arg(optimisation).arg(&source).arg("-o").arg(&binary).status().unwrap();
-    assert!(status.success(), "gcc {optimisation} (needs systemtap-sdt-dev, installed by scripts/setup)");
+    let status = Command::new("gcc")
+        .arg(optimisation)
+        .arg(&source)
+        .arg("-o")
+        .arg(&binary)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "gcc {optimisation} (needs systemtap-sdt-dev, installed by scripts/setup)"
+    );
     binary
 }
 
@@ -639,7 +648,14 @@ fn assert_sites_are_nops(binary: &Path) -> usize {
     let discovery = vsrscope::usdt::discover_file(binary).unwrap();
     assert!(!discovery.sites.is_empty(), "{}", binary.display());
     for site in &discovery.sites {
-        assert_eq!(bytes[site.file_offset as usize], 0x90, "{} {} at {:#x}", binary.display(), site.name, site.file_offset);
+        assert_eq!(
+            bytes[site.file_offset as usize],
+            0x90,
+            "{} {} at {:#x}",
+            binary.display(),
+            site.name,
+            site.file_offset
+        );
     }
     discovery.sites.len()
 }
@@ -653,22 +669,48 @@ fn c_probes_at_o0_and_o2_decode_stack_register_and_constant_arguments() {
         assert_sites_are_nops(&binary);
         let discovery = vsrscope::usdt::discover_file(&binary).unwrap();
         let site = &discovery.sites[0];
-        let kinds: Vec<u8> = site.arguments.iter().map(|argument| argument.kind).collect();
+        let kinds: Vec<u8> = site
+            .arguments
+            .iter()
+            .map(|argument| argument.kind)
+            .collect();
         if optimisation == "-O0" {
-            assert!(kinds.contains(&vsrscope_common::ARG_REGISTER_DEREF), "stack arguments at -O0: {}", site.arguments_text);
+            assert!(
+                kinds.contains(&vsrscope_common::ARG_REGISTER_DEREF),
+                "stack arguments at -O0: {}",
+                site.arguments_text
+            );
         } else {
-            assert!(kinds.contains(&vsrscope_common::ARG_CONSTANT), "a constant at -O2: {}", site.arguments_text);
+            assert!(
+                kinds.contains(&vsrscope_common::ARG_CONSTANT),
+                "a constant at -O2: {}",
+                site.arguments_text
+            );
         }
         // The eBPF side reads them right: count and exact sum of the fired latencies.
         let serve = Serve::start(&directory.0, &["--binary", binary.to_str().unwrap()]);
-        let status = Command::new(&binary).arg(count.to_string()).status().unwrap();
+        let status = Command::new(&binary)
+            .arg(count.to_string())
+            .status()
+            .unwrap();
         assert!(status.success());
         let metrics = serve.scrape();
-        assert_eq!(metrics.get("vsr_prepare_latency_ms_count{replica_id=\"3\"}"), count as f64, "{optimisation}");
+        assert_eq!(
+            metrics.get("vsr_prepare_latency_ms_count{replica_id=\"3\"}"),
+            count as f64,
+            "{optimisation}"
+        );
         let expected_sum_ms = (0..count).map(|op| 1_000_000 + op).sum::<u64>() as f64 / 1e6;
         let sum = metrics.get("vsr_prepare_latency_ms_sum{replica_id=\"3\"}");
-        assert!((sum - expected_sum_ms).abs() < 1e-6, "{optimisation}: sum {sum} vs {expected_sum_ms}");
-        assert_eq!(metrics.get("vsr_prepare_latency_ms_bucket{replica_id=\"3\",le=\"1\"}"), 1.0, "only latency 1000000 ns is ≤ 1 ms");
+        assert!(
+            (sum - expected_sum_ms).abs() < 1e-6,
+            "{optimisation}: sum {sum} vs {expected_sum_ms}"
+        );
+        assert_eq!(
+            metrics.get("vsr_prepare_latency_ms_bucket{replica_id=\"3\",le=\"1\"}"),
+            1.0,
+            "only latency 1000000 ns is ≤ 1 ms"
+        );
     }
 }
 
@@ -679,6 +721,58 @@ fn replica_sites_translate_to_nops_with_rust_lld_and_gnu_ld() {
         .expect("scripts/test builds the replica with GNU ld and sets VSR_GNU_LD_REPLICA");
     let gnu_ld = Path::new(&gnu_ld);
     assert!(assert_sites_are_nops(gnu_ld) > 20);
-    let names = |binary: &Path| vsrscope::usdt::discover_file(binary).unwrap().probe_names("vsr").into_iter().map(String::from).collect::<Vec<_>>();
+    let names = |binary: &Path| {
+        vsrscope::usdt::discover_file(binary)
+            .unwrap()
+            .probe_names("vsr")
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
     assert_eq!(names(gnu_ld), names(&testkit::replica_binary()));
+}
+
+#[test]
+fn on_demand_attaches_while_scraped_and_counters_stay_monotonic() {
+    let cluster = Cluster::start("vsrscope-on-demand", 1, &["--snapshot-interval-ms", "100"]);
+    let pid = cluster.pid(0);
+    let enabled = || semaphores(pid).iter().any(|(_, value)| *value > 0);
+    let serve = Serve::start(
+        &cluster.directory.0,
+        &[
+            "--binary",
+            cluster.binary.to_str().unwrap(),
+            "--on-demand",
+            "--idle-timeout-s",
+            "3",
+        ],
+    );
+    assert!(!enabled(), "nothing attached before the first scrape");
+    serve.scrape();
+    assert!(enabled(), "the first scrape attaches");
+    let first = cluster.bench(&["--duration-s", "1", "--clients", "4"]);
+    assert!(first.status.success());
+    let operations = "vsr_operations_total{replica_id=\"0\",status=\"success\"}";
+    let counted = serve.scrape().get(operations);
+    assert_eq!(counted, first.acknowledged as f64);
+    wait_until(
+        "detach after 3 s without scrapes",
+        Duration::from_secs(15),
+        || !enabled(),
+    );
+    // Unobserved load is not counted; observed load adds to the same counter.
+    assert!(
+        cluster
+            .bench(&["--duration-s", "1", "--clients", "4"])
+            .status
+            .success()
+    );
+    serve.scrape();
+    let second = cluster.bench(&["--duration-s", "1", "--clients", "4"]);
+    assert!(second.status.success());
+    assert_eq!(
+        serve.scrape().get(operations),
+        counted + second.acknowledged as f64
+    );
+    assert!(serve.log().contains("detached"));
 }
