@@ -211,11 +211,15 @@ pub struct Tracer {
     pmu: u32,
     next_cookie: u32,
     attachments: Vec<Attachment>,
+    /// Held while the kernel keeps per-program run time (`BPF_ENABLE_STATS`).
+    run_time_stats: Option<OwnedFd>,
 }
 
 impl Tracer {
     /// Loads and verifies every program, and writes the histogram bounds.
-    pub fn load(bounds_ms: &[Vec<f64>]) -> Result<Tracer, AttachError> {
+    /// With `run_time_stats`, the kernel also times every program run (two clock reads per
+    /// probe hit), for `Tracer::program_stats`.
+    pub fn load(bounds_ms: &[Vec<f64>], run_time_stats: bool) -> Result<Tracer, AttachError> {
         let pmu = uprobe_pmu_type()?;
         let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(load_error)?;
         for name in PROGRAMS {
@@ -238,11 +242,17 @@ impl Tracer {
                 .set(index as u32, bounds_ns(bounds), 0)
                 .map_err(load_error)?;
         }
+        let run_time_stats = if run_time_stats {
+            Some(aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(load_error)?)
+        } else {
+            None
+        };
         Ok(Tracer {
             ebpf,
             pmu,
             next_cookie: 0,
             attachments: Vec::new(),
+            run_time_stats,
         })
     }
 
@@ -326,6 +336,22 @@ impl Tracer {
         let count = attached.len();
         self.attachments.extend(attached);
         Ok(count)
+    }
+
+    /// Each program's run count and total run time as the kernel counted them, when run-time
+    /// statistics are on.
+    pub fn program_stats(&self) -> Vec<(&'static str, u64, std::time::Duration)> {
+        if self.run_time_stats.is_none() {
+            return Vec::new();
+        }
+        PROGRAMS
+            .iter()
+            .filter_map(|name| {
+                let program: &UProbe = self.ebpf.program(name)?.try_into().ok()?;
+                let info = program.info().ok()?;
+                Some((*name, info.run_count(), info.run_time()))
+            })
+            .collect()
     }
 
     /// Detaches everything; the programs stay loaded and counters keep their values.

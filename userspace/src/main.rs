@@ -13,8 +13,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use vsrscope::attach::{SEED_BOUNDS_MS, Tracer};
-use vsrscope::metrics::{ExporterState, QuantileWindow, Reading, Resources, exposition};
+use vsrscope::metrics::{
+    ExporterState, HISTOGRAMS, QuantileWindow, Reading, Resources, exposition,
+};
 use vsrscope::{process, usdt};
+use vsrscope_common::histogram::BOUNDS_MAX;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -60,6 +63,13 @@ enum Command {
         on_demand: bool,
         #[arg(long, default_value_t = 60, requires = "on_demand")]
         idle_timeout_s: u64,
+        /// Replace a histogram's bucket bounds: METRIC=B1,B2,… in milliseconds (repeatable).
+        #[arg(long = "buckets", value_name = "METRIC=BOUNDS")]
+        buckets: Vec<String>,
+        /// Export each program's run count and run time from the kernel's statistics, which
+        /// adds two clock reads to every probe hit.
+        #[arg(long)]
+        program_run_time: bool,
     },
     /// Attach, wait for one state snapshot from each replica, print it, detach.
     Snapshot {
@@ -95,12 +105,18 @@ fn main() -> ExitCode {
             quantile_window_s,
             on_demand,
             idle_timeout_s,
-        } => serve(
-            &targets,
-            listen,
-            Duration::from_secs(quantile_window_s),
-            on_demand.then(|| Duration::from_secs(idle_timeout_s)),
-        ),
+            buckets,
+            program_run_time,
+        } => bounds_ms(&buckets).and_then(|bounds_ms| {
+            let options = ServeOptions {
+                listen,
+                window: Duration::from_secs(quantile_window_s),
+                idle_timeout: on_demand.then(|| Duration::from_secs(idle_timeout_s)),
+                bounds_ms,
+                program_run_time,
+            };
+            serve(&targets, options)
+        }),
         Command::Snapshot {
             targets,
             json,
@@ -164,11 +180,43 @@ fn list(binary: Option<PathBuf>, pid: Option<u32>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bounds_ms() -> Vec<Vec<f64>> {
+fn seed_bounds_ms() -> Vec<Vec<f64>> {
     SEED_BOUNDS_MS
         .iter()
         .map(|bounds| bounds.to_vec())
         .collect()
+}
+
+/// The seed's bounds, with `--buckets METRIC=B1,B2,…` (milliseconds) replacing some.
+fn bounds_ms(overrides: &[String]) -> anyhow::Result<Vec<Vec<f64>>> {
+    let mut bounds = seed_bounds_ms();
+    for option in overrides {
+        let (metric, list) = option
+            .split_once('=')
+            .with_context(|| format!("--buckets {option:?}: expected METRIC=B1,B2,…"))?;
+        let names = HISTOGRAMS.map(|(name, _)| name);
+        let index = names
+            .iter()
+            .position(|name| *name == metric)
+            .with_context(|| format!("--buckets: {metric} is not one of {}", names.join(", ")))?;
+        let values: Vec<f64> = list
+            .split(',')
+            .map(|value| {
+                value
+                    .trim()
+                    .parse::<f64>()
+                    .with_context(|| format!("--buckets {metric}: {value:?} is not a number"))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let increasing = values.windows(2).all(|pair| pair[0] < pair[1]);
+        if values.is_empty() || values.len() > BOUNDS_MAX || !increasing || values[0] <= 0.0 {
+            bail!(
+                "--buckets {metric}: give 1 to {BOUNDS_MAX} positive, strictly increasing bounds in milliseconds"
+            );
+        }
+        bounds[index] = values;
+    }
+    Ok(bounds)
 }
 
 /// What to attach to: each binary, with the one process to limit it to (or all of them).
@@ -221,7 +269,7 @@ fn attach_plan(tracer: &mut Tracer, plan: &Plan) -> anyhow::Result<Vec<String>> 
 /// Loads the programs and attaches to the targets.
 fn attach(targets: &Targets) -> anyhow::Result<(Tracer, Vec<String>)> {
     let plan = plan(targets)?;
-    let mut tracer = Tracer::load(&bounds_ms())?;
+    let mut tracer = Tracer::load(&seed_bounds_ms(), false)?;
     let described = attach_plan(&mut tracer, &plan)?;
     Ok((tracer, described))
 }
@@ -288,6 +336,7 @@ struct Shared {
     /// With `--on-demand`: detach after this long without a scrape.
     idle_timeout: Option<Duration>,
     last_scrape: Instant,
+    bounds_ms: Vec<Vec<f64>>,
     window: QuantileWindow,
     samples: BTreeMap<u32, ProcessSample>,
     resources: BTreeMap<u32, Resources>,
@@ -334,6 +383,12 @@ impl Shared {
         };
         let now = Instant::now();
         self.window.record(now, &reading);
+        self.state.program_run_time = self
+            .tracer
+            .program_stats()
+            .into_iter()
+            .map(|(program, runs, time)| (program, runs, time.as_secs_f64()))
+            .collect();
         for (replica, (snapshot, pid)) in &reading.snapshots {
             let journal_writes = reading
                 .counters
@@ -356,14 +411,25 @@ impl Shared {
     }
 }
 
-fn serve(
-    targets: &Targets,
+/// How `serve` exports.
+struct ServeOptions {
     listen: SocketAddr,
     window: Duration,
     idle_timeout: Option<Duration>,
-) -> anyhow::Result<()> {
+    bounds_ms: Vec<Vec<f64>>,
+    program_run_time: bool,
+}
+
+fn serve(targets: &Targets, options: ServeOptions) -> anyhow::Result<()> {
+    let ServeOptions {
+        listen,
+        window,
+        idle_timeout,
+        bounds_ms,
+        program_run_time,
+    } = options;
     let plan = plan(targets)?;
-    let mut tracer = Tracer::load(&bounds_ms())?;
+    let mut tracer = Tracer::load(&bounds_ms, program_run_time)?;
     let described = if idle_timeout.is_some() {
         Vec::new()
     } else {
@@ -382,6 +448,7 @@ fn serve(
             plan,
             idle_timeout,
             last_scrape: Instant::now(),
+            bounds_ms,
             window: QuantileWindow::new(window),
             samples: BTreeMap::new(),
             resources: BTreeMap::new(),
@@ -452,7 +519,7 @@ async fn respond(mut stream: tokio::net::TcpStream, shared: Arc<Mutex<Shared>>) 
                     let body = exposition(
                         &reading,
                         &shared.window,
-                        &bounds_ms(),
+                        &shared.bounds_ms,
                         &shared.resources,
                         &shared.state,
                     );

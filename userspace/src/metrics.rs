@@ -241,9 +241,11 @@ pub struct Resources {
 }
 
 /// Self-metrics the exporter adds from outside the kernel.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct ExporterState {
     pub attached_sites: usize,
+    /// Per program: runs and seconds spent, when the kernel's run-time statistics are on.
+    pub program_run_time: Vec<(&'static str, u64, f64)>,
     pub map_read_errors: u64,
     pub last_scrape_seconds: f64,
 }
@@ -575,6 +577,32 @@ pub fn exposition(
             &[("program", program.to_string())],
             reading.self_counters[self_metric::HITS + index],
         );
+    }
+    if !state.program_run_time.is_empty() {
+        out.family(
+            "vsrscope_program_runs_total",
+            "counter",
+            "Program runs counted by the kernel",
+        );
+        for (program, runs, _) in &state.program_run_time {
+            out.sample(
+                "vsrscope_program_runs_total",
+                &[("program", program.to_string())],
+                runs,
+            );
+        }
+        out.family(
+            "vsrscope_program_run_seconds_total",
+            "counter",
+            "Time the kernel spent running each program",
+        );
+        for (program, _, seconds) in &state.program_run_time {
+            out.sample(
+                "vsrscope_program_run_seconds_total",
+                &[("program", program.to_string())],
+                seconds,
+            );
+        }
     }
     out.family(
         "vsrscope_lost_events_total",

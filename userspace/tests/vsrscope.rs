@@ -534,6 +534,18 @@ fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
         &vsrscope(&["list", "--pid", "999999"]),
         "no process with pid 999999",
     );
+    assert_clear_failure(
+        &vsrscope(&["serve", "--buckets", "vsr_nope_ms=1,2"]),
+        "is not one of vsr_prepare_latency_ms",
+    );
+    assert_clear_failure(
+        &vsrscope(&["serve", "--buckets", "vsr_prepare_latency_ms=5,1"]),
+        "strictly increasing",
+    );
+    assert_clear_failure(
+        &vsrscope(&["serve", "--buckets", "vsr_prepare_latency_ms=1,x"]),
+        "\"x\" is not a number",
+    );
     let no_probes = std::env::var("VSR_NO_PROBES_REPLICA")
         .expect("scripts/test builds the no-probe replica and sets VSR_NO_PROBES_REPLICA");
     assert_clear_failure(
@@ -688,7 +700,17 @@ fn c_probes_at_o0_and_o2_decode_stack_register_and_constant_arguments() {
             );
         }
         // The eBPF side reads them right: count and exact sum of the fired latencies.
-        let serve = Serve::start(&directory.0, &["--binary", binary.to_str().unwrap()]);
+        // Custom buckets and the kernel's run-time statistics ride along.
+        let serve = Serve::start(
+            &directory.0,
+            &[
+                "--binary",
+                binary.to_str().unwrap(),
+                "--buckets",
+                "vsr_prepare_latency_ms=1,1.0005,2",
+                "--program-run-time",
+            ],
+        );
         let status = Command::new(&binary)
             .arg(count.to_string())
             .status()
@@ -706,10 +728,24 @@ fn c_probes_at_o0_and_o2_decode_stack_register_and_constant_arguments() {
             (sum - expected_sum_ms).abs() < 1e-6,
             "{optimisation}: sum {sum} vs {expected_sum_ms}"
         );
+        let bucket = |le: &str| {
+            metrics.get(&format!(
+                "vsr_prepare_latency_ms_bucket{{replica_id=\"3\",le=\"{le}\"}}"
+            ))
+        };
         assert_eq!(
-            metrics.get("vsr_prepare_latency_ms_bucket{replica_id=\"3\",le=\"1\"}"),
+            bucket("1"),
             1.0,
-            "only latency 1000000 ns is ≤ 1 ms"
+            "only 1,000,000 ns is ≤ 1 ms (upper bounds are inclusive)"
+        );
+        assert_eq!(bucket("1.0005"), 501.0, "1,000,000..=1,000,500 ns");
+        assert_eq!(bucket("2"), count as f64);
+        assert_eq!(
+            metrics.get("vsrscope_program_runs_total{program=\"prepare_quorum\"}"),
+            count as f64
+        );
+        assert!(
+            metrics.get("vsrscope_program_run_seconds_total{program=\"prepare_quorum\"}") > 0.0
         );
     }
 }
