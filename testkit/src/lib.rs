@@ -106,10 +106,7 @@ impl Cluster {
             directory,
             binary,
             addresses,
-            extra_arguments: extra_arguments
-                .iter()
-                .map(|argument| argument.to_string())
-                .collect(),
+            extra_arguments: with_test_defaults(extra_arguments),
             children: (0..replica_count).map(|_| None).collect(),
         };
         for replica in 0..replica_count {
@@ -244,6 +241,23 @@ impl Cluster {
             .spawn()
             .unwrap()
     }
+}
+
+/// A 2 s view-change timeout unless the test sets one: on a loaded 2-core CI machine an
+/// fdatasync can stall the primary past the 500 ms default, and a spurious view change would
+/// make tests that watch one primary flaky.
+fn with_test_defaults(extra_arguments: &[&str]) -> Vec<String> {
+    let mut arguments: Vec<String> = extra_arguments
+        .iter()
+        .map(|argument| argument.to_string())
+        .collect();
+    if !arguments
+        .iter()
+        .any(|argument| argument == "--view-change-timeout-ms")
+    {
+        arguments.extend(["--view-change-timeout-ms".to_string(), "2000".to_string()]);
+    }
+    arguments
 }
 
 impl Drop for Cluster {
@@ -462,4 +476,20 @@ pub fn map_value(output: &str, name: &str) -> Option<u64> {
         .lines()
         .find_map(|line| line.strip_prefix(&prefix))
         .and_then(|value| value.trim().parse().ok())
+}
+
+/// A command that must fail on bad input: non-zero exit, one line on stderr naming the problem,
+/// and no panic.
+pub fn assert_clear_failure(output: &std::process::Output, expected: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "should fail: {stderr}");
+    assert!(
+        !stderr.contains("panicked"),
+        "panicked instead of a clear error: {stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "one clear line: {stderr}");
+    assert!(
+        stderr.contains(expected),
+        "expected {expected:?} in: {stderr}"
+    );
 }

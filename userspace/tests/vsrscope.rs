@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use testkit::{Bpftrace, Cluster, TestDirectory, tagged_rows, wait_until};
+use testkit::{Bpftrace, Cluster, TestDirectory, assert_clear_failure, tagged_rows, wait_until};
 
 const SEED_PREPARE_BOUNDS_MS: [f64; 9] = [0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0];
 
@@ -493,17 +493,6 @@ fn vsrscope(arguments: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-fn assert_clear_failure(output: &std::process::Output, expected: &str) {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "should fail: {stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    assert_eq!(stderr.lines().count(), 1, "one clear line: {stderr}");
-    assert!(
-        stderr.contains(expected),
-        "expected {expected:?} in {stderr}"
-    );
-}
-
 #[test]
 fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
     let directory = TestDirectory::new("vsrscope-bad-input");
@@ -618,11 +607,12 @@ fn top_refreshes_a_row_per_replica_with_its_rate() {
         .filter(|line| line.contains("normal"))
         .collect();
     assert_eq!(rows.len(), 3, "{last}");
-    assert!(
-        rows[0].trim_start().starts_with("0*"),
-        "replica 0 is primary: {last}"
-    );
-    // ops/s near the target rate on every replica (they all execute every op).
+    let primaries = rows
+        .iter()
+        .filter(|row| row.split_whitespace().next().unwrap().ends_with('*'))
+        .count();
+    assert_eq!(primaries, 1, "one primary: {last}");
+    // Every replica executes every op: ops/s near the target rate (more while catching up).
     for row in rows {
         let rate: f64 = row
             .split_whitespace()
@@ -630,7 +620,7 @@ fn top_refreshes_a_row_per_replica_with_its_rate() {
             .unwrap()
             .parse()
             .unwrap_or_else(|_| panic!("{row}"));
-        assert!((1000.0..3000.0).contains(&rate), "{row}");
+        assert!((1000.0..10000.0).contains(&rate), "{row}");
     }
     let _ = testkit::BenchResult::from_child(load);
 }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use vsr::message::{Entry, Header, Message, SENDER_CLIENT};
 use vsr_probes::Command as Wire;
 
-use testkit::{BenchResult, Cluster, TestDirectory, replica_binary};
+use testkit::{BenchResult, Cluster, TestDirectory, assert_clear_failure, replica_binary};
 
 const CLUSTER_ID: u64 = 1;
 
@@ -163,19 +163,6 @@ fn run_replica(arguments: &[&str]) -> std::process::Output {
         .args(arguments)
         .output()
         .unwrap()
-}
-
-fn assert_clear_failure(output: &std::process::Output, expected: &str) {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "should fail: {stderr}");
-    assert!(
-        !stderr.contains("panicked"),
-        "panicked instead of a clear error: {stderr}"
-    );
-    assert!(
-        stderr.contains(expected),
-        "expected {expected:?} in: {stderr}"
-    );
 }
 
 #[test]
