@@ -25,20 +25,115 @@ pub struct ProbeSpec {
     pub arguments: &'static [&'static str],
 }
 
+/// The stapsdt argument spec of one argument of type `$ty` passed in the register family
+/// `$q`/`$d`/`$w`/`$b` (64/32/16/8-bit names): the declared width, not the register's, so
+/// tracers see each argument with its own type.
+#[cfg(feature = "probes")]
+macro_rules! argument_spec {
+    (u8, $q:literal, $d:literal, $w:literal, $b:literal) => {
+        concat!("1@%", $b)
+    };
+    (u16, $q:literal, $d:literal, $w:literal, $b:literal) => {
+        concat!("2@%", $w)
+    };
+    (u32, $q:literal, $d:literal, $w:literal, $b:literal) => {
+        concat!("4@%", $d)
+    };
+    (u64, $q:literal, $d:literal, $w:literal, $b:literal) => {
+        concat!("8@%", $q)
+    };
+}
+
+/// One probe site: a 5-byte `nop` and the SystemTap v3 note that describes it.
+///
+/// Arguments go in the System V argument registers, in order, as `usdt`, `<sys/sdt.h>` and
+/// every tracer expect. The `nop` is the 5-byte form (`0f 1f 44 00 00`) rather than `nop`'s
+/// 1 byte, because Linux ≥ 6.17 rewrites a uprobe on exactly that instruction into a call
+/// to a trampoline instead of a trap: the attached cost per hit halves (docs/benchmarks.md).
+/// `.stapsdt.base` lets tracers detect prelink moving the text after the notes were written.
+#[cfg(feature = "probes")]
+macro_rules! probe_site {
+    // Every argument has its register: emit the site.
+    (
+        $name:ident, $semaphore:ident,
+        [$first_spec:expr $(, $spec:expr)*], [$($value:ident => $register:tt,)+], [$($free:tt)*],
+    ) => {
+        // SAFETY: the asm only emits a nop and non-allocated note data; it reads the argument
+        // registers as inputs and touches no memory, stack or flags.
+        unsafe {
+            ::core::arch::asm!(
+                concat!(
+                    "990: .byte 0x0f, 0x1f, 0x44, 0x00, 0x00\n",
+                    ".pushsection .note.stapsdt, \"\", \"note\"\n",
+                    ".balign 4\n",
+                    ".4byte 992f-991f, 994f-993f, 3\n",
+                    "991: .asciz \"stapsdt\"\n",
+                    "992: .balign 4\n",
+                    "993: .8byte 990b\n",
+                    ".8byte _.stapsdt.base\n",
+                    ".8byte {semaphore}\n",
+                    ".asciz \"vsr\"\n",
+                    ".asciz \"", stringify!($name), "\"\n",
+                    ".asciz \"", $first_spec, $(" ", $spec,)* "\"\n",
+                    "994: .balign 4\n",
+                    ".popsection\n",
+                    ".ifndef _.stapsdt.base\n",
+                    ".pushsection .stapsdt.base, \"aGR\", \"progbits\", .stapsdt.base, comdat\n",
+                    ".weak _.stapsdt.base\n",
+                    ".hidden _.stapsdt.base\n",
+                    "_.stapsdt.base: .space 1\n",
+                    ".size _.stapsdt.base, 1\n",
+                    ".popsection\n",
+                    ".endif\n",
+                ),
+                semaphore = sym $semaphore,
+                $(in($register) u64::from($value),)+
+                options(att_syntax, nomem, nostack, preserves_flags),
+            );
+        }
+    };
+    // Give the next argument the next free argument register.
+    (
+        $name:ident, $semaphore:ident,
+        [$($spec:expr),*], [$($placed:tt)*],
+        [($q:tt, $d:literal, $w:literal, $b:literal) $($free:tt)*],
+        $argument:ident: $ty:ident, $($rest:tt)*
+    ) => {
+        probe_site!(
+            $name, $semaphore,
+            [$($spec,)* argument_spec!($ty, $q, $d, $w, $b)],
+            [$($placed)* $argument => $q,],
+            [$($free)*],
+            $($rest)*
+        )
+    };
+}
+
 macro_rules! probes {
     ($( $(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ident),+); )*) => {
-        #[cfg(feature = "probes")]
-        #[usdt::provider]
-        mod vsr {
-            $( fn $name($($arg: $ty),+) {} )*
-        }
-
         $(
             $(#[$doc])*
             #[inline(always)]
             pub fn $name(arguments: impl FnOnce() -> ($($ty,)+)) {
                 #[cfg(feature = "probes")]
-                vsr::$name!(|| arguments());
+                {
+                    /// Raised by the kernel (uprobe `ref_ctr_offset`) while a tracer is attached.
+                    #[unsafe(link_section = ".probes")]
+                    static SEMAPHORE: ::core::sync::atomic::AtomicU16 =
+                        ::core::sync::atomic::AtomicU16::new(0);
+                    if SEMAPHORE.load(::core::sync::atomic::Ordering::Relaxed) != 0 {
+                        let ($($arg,)+) = arguments();
+                        probe_site!(
+                            $name, SEMAPHORE, [], [],
+                            [
+                                ("rdi", "edi", "di", "dil") ("rsi", "esi", "si", "sil")
+                                ("rdx", "edx", "dx", "dl") ("rcx", "ecx", "cx", "cl")
+                                ("r8", "r8d", "r8w", "r8b") ("r9", "r9d", "r9w", "r9b")
+                            ],
+                            $($arg: $ty,)+
+                        );
+                    }
+                }
                 #[cfg(not(feature = "probes"))]
                 let _ = arguments;
             }

@@ -133,10 +133,10 @@ pub fn discover(data: &[u8], path: &str) -> Result<Discovery, UsdtError> {
         segments
             .iter()
             .find_map(|(vaddr, filesz, offset, is_executable)| {
-                let inside = address >= *vaddr
-                    && address < vaddr + filesz
-                    && (*is_executable || !executable);
-                inside.then(|| address - vaddr + offset)
+                // Checked arithmetic: headers come from the file and may be hostile.
+                let delta = address.checked_sub(*vaddr)?;
+                let inside = delta < *filesz && (*is_executable || !executable);
+                inside.then(|| offset.checked_add(delta)).flatten()
             })
     };
     let sections = header
@@ -386,5 +386,18 @@ mod tests {
         let mut truncated = std::fs::read(std::env::current_exe().unwrap()).unwrap();
         truncated.truncate(200);
         assert!(discover(&truncated, "x").is_err());
+    }
+
+    /// Inputs the fuzzer once crashed on stay in the tree, so the fix cannot regress silently.
+    #[test]
+    fn fuzzer_findings_do_not_panic() {
+        let directory = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/regressions");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(directory).unwrap() {
+            let path = entry.unwrap().path();
+            let _ = discover(&std::fs::read(&path).unwrap(), "regression");
+            seen += 1;
+        }
+        assert!(seen > 0, "no regression inputs in {directory}");
     }
 }

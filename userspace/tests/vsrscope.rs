@@ -643,16 +643,22 @@ fn compile_sdt_program(directory: &Path, optimisation: &str) -> PathBuf {
     binary
 }
 
-/// The byte at each site's file offset must be the probe's `nop`: proof that the address was
+/// `<sys/sdt.h>` marks a site with a 1-byte `nop`.
+const NOP1: &[u8] = &[0x90];
+/// The replica's probes use the 5-byte `nop` that Linux turns into a trampoline call.
+const NOP5: &[u8] = &[0x0f, 0x1f, 0x44, 0x00, 0x00];
+
+/// The bytes at each site's file offset must be the probe's `nop`: proof that the address was
 /// translated to the right place in the file, whatever the linker's layout.
-fn assert_sites_are_nops(binary: &Path) -> usize {
+fn assert_sites_are_nops(binary: &Path, nop: &[u8]) -> usize {
     let bytes = std::fs::read(binary).unwrap();
     let discovery = vsrscope::usdt::discover_file(binary).unwrap();
     assert!(!discovery.sites.is_empty(), "{}", binary.display());
     for site in &discovery.sites {
+        let offset = site.file_offset as usize;
         assert_eq!(
-            bytes[site.file_offset as usize],
-            0x90,
+            &bytes[offset..offset + nop.len()],
+            nop,
             "{} {} at {:#x}",
             binary.display(),
             site.name,
@@ -668,7 +674,7 @@ fn c_probes_at_o0_and_o2_decode_stack_register_and_constant_arguments() {
     let count = 1000u64;
     for optimisation in ["-O0", "-O2"] {
         let binary = compile_sdt_program(&directory.0, optimisation);
-        assert_sites_are_nops(&binary);
+        assert_sites_are_nops(&binary, NOP1);
         let discovery = vsrscope::usdt::discover_file(&binary).unwrap();
         let site = &discovery.sites[0];
         let kinds: Vec<u8> = site
@@ -742,11 +748,11 @@ fn c_probes_at_o0_and_o2_decode_stack_register_and_constant_arguments() {
 
 #[test]
 fn replica_sites_translate_to_nops_with_rust_lld_and_gnu_ld() {
-    assert!(assert_sites_are_nops(&testkit::replica_binary()) > 20);
+    assert!(assert_sites_are_nops(&testkit::replica_binary(), NOP5) > 20);
     let gnu_ld = std::env::var("VSR_GNU_LD_REPLICA")
         .expect("scripts/test builds the replica with GNU ld and sets VSR_GNU_LD_REPLICA");
     let gnu_ld = Path::new(&gnu_ld);
-    assert!(assert_sites_are_nops(gnu_ld) > 20);
+    assert!(assert_sites_are_nops(gnu_ld, NOP5) > 20);
     let names = |binary: &Path| {
         vsrscope::usdt::discover_file(binary)
             .unwrap()
