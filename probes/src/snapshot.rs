@@ -30,7 +30,8 @@ pub struct ReplicaSnapshot {
     pub pending_requests: u64,
     /// Ops the cluster committed that this replica has not executed yet.
     pub lag_operations: u64,
-    /// PrepareOk votes (the primary's own included) for the newest op; 0 on backups.
+    /// PrepareOk votes (the primary's own included) of the oldest op waiting for its quorum
+    /// longer than a heartbeat interval, else of the newest committed op; 0 on backups.
     pub prepare_ok_votes: u64,
     pub client_sessions_active: u64,
     pub repair_inflight: u64,

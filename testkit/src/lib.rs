@@ -3,12 +3,16 @@
 //! replicas. Every wait is a poll with a deadline.
 
 use std::io::{BufRead, BufReader, Read};
-use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+mod observer;
+
+pub use observer::{Metrics, Prometheus, Serve, free_address, http_get};
 
 static NEXT_DIRECTORY: AtomicU64 = AtomicU64::new(0);
 
@@ -75,14 +79,6 @@ impl Drop for TestDirectory {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[derive(Debug)]
 pub struct Cluster {
     pub directory: TestDirectory,
@@ -99,9 +95,7 @@ impl Cluster {
         let directory = TestDirectory::new(name);
         let binary = directory.0.join("vsr-replica");
         std::fs::copy(replica_binary(), &binary).unwrap();
-        let addresses = (0..replica_count)
-            .map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())))
-            .collect();
+        let addresses = (0..replica_count).map(|_| free_address()).collect();
         let mut cluster = Cluster {
             directory,
             binary,
@@ -361,6 +355,8 @@ pub struct Bpftrace {
     output: Arc<Mutex<String>>,
     reader: Option<std::thread::JoinHandle<()>>,
     errors: Arc<Mutex<String>>,
+    /// The line that proved the session attached.
+    ready: String,
 }
 
 impl Bpftrace {
@@ -374,13 +370,36 @@ impl Bpftrace {
         Bpftrace::start(&[], program)
     }
 
+    /// Runs one of `scripts/bpftrace`'s tools on `binary` (with `-p` when a pid is given).
+    /// Tools print a "Tracing vsr …" banner from `BEGIN`, which bpftrace runs once every probe
+    /// is attached.
+    pub fn run_tool(tool: &str, pid: Option<u32>, binary: &Path, arguments: &[&str]) -> Bpftrace {
+        let tool = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../scripts/bpftrace")
+            .join(tool);
+        let mut command = Command::new("bpftrace");
+        command.args(["-B", "line"]);
+        if let Some(pid) = pid {
+            command.arg("-p").arg(pid.to_string());
+        }
+        command.arg(&tool).arg(binary).args(arguments);
+        Bpftrace::spawn(command, "Tracing vsr", &tool.display().to_string())
+    }
+
     fn start(arguments: &[&str], program: &str) -> Bpftrace {
         let program = format!("BEGIN {{ printf(\"READY\\n\"); }}\n{program}");
-        let mut child = Command::new("bpftrace")
+        let mut command = Command::new("bpftrace");
+        command
             .args(["-B", "line"])
             .args(arguments)
             .arg("-e")
-            .arg(&program)
+            .arg(&program);
+        Bpftrace::spawn(command, "READY", &program)
+    }
+
+    /// Starts bpftrace and returns once `ready` appeared in its output.
+    fn spawn(mut command: Command, ready: &str, program: &str) -> Bpftrace {
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -409,9 +428,10 @@ impl Bpftrace {
             output,
             reader: Some(reader),
             errors,
+            ready: ready.to_string(),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !session.output.lock().unwrap().contains("READY") {
+        while !session.output.lock().unwrap().contains(ready) {
             if let Ok(Some(status)) = session.child.try_wait() {
                 std::thread::sleep(Duration::from_millis(100));
                 panic!(
@@ -445,12 +465,25 @@ impl Bpftrace {
         }
         let output = self.output.lock().unwrap().clone();
         assert!(
-            status.success() || output.contains("READY"),
+            status.success() || output.contains(&self.ready),
             "bpftrace failed: {}",
             self.errors.lock().unwrap()
         );
         output
     }
+}
+
+/// Flips every bit of the byte in the middle of a replica's journal: one corrupt entry.
+pub fn corrupt_middle_byte(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    assert!(
+        bytes.len() > 1000,
+        "journal too small to corrupt: {} bytes",
+        bytes.len()
+    );
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(path, bytes).unwrap();
 }
 
 /// Lines of bpftrace output that start with `tag`, split into their numeric fields.

@@ -3,14 +3,14 @@
 //! `/metrics`. Ground truth is the load generator's record and bpftrace's own aggregation of the
 //! same probes, never vsrscope's output.
 
-use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use testkit::{Bpftrace, Cluster, TestDirectory, assert_clear_failure, tagged_rows, wait_until};
+use testkit::{
+    Bpftrace, Cluster, Prometheus, Serve, TestDirectory, assert_clear_failure, http_get,
+    tagged_rows, wait_until,
+};
 
 const SEED_PREPARE_BOUNDS_MS: [f64; 9] = [0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0];
 
@@ -18,176 +18,10 @@ fn vsrscope_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vsrscope"))
 }
 
-fn free_address() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-/// `vsrscope serve` in the background; killed (SIGKILL) when dropped.
-struct Serve {
-    child: Child,
-    address: SocketAddr,
-    log: PathBuf,
-}
-
-impl Serve {
-    fn start(directory: &Path, arguments: &[&str]) -> Serve {
-        let address = free_address();
-        let log = directory.join(format!("vsrscope-{}.log", address.port()));
-        let child = Command::new(vsrscope_binary())
-            .arg("serve")
-            .args(arguments)
-            .arg("--listen")
-            .arg(address.to_string())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let serve = Serve {
-            child,
-            address,
-            log,
-        };
-        wait_until(
-            "vsrscope to serve /metrics",
-            Duration::from_secs(20),
-            || {
-                std::fs::read_to_string(&serve.log)
-                    .unwrap_or_default()
-                    .contains("serving")
-            },
-        );
-        serve
-    }
-
-    fn scrape(&self) -> Metrics {
-        let mut stream = TcpStream::connect(self.address).unwrap();
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
-            .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        let (head, body) = response.split_once("\r\n\r\n").unwrap();
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        Metrics::parse(body)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A parsed exposition: sample lines by their full series text (`name{labels}`).
-struct Metrics {
-    text: String,
-    samples: BTreeMap<String, f64>,
-}
-
-impl Metrics {
-    fn parse(text: &str) -> Metrics {
-        let samples = text
-            .lines()
-            .filter(|line| !line.starts_with('#') && !line.is_empty())
-            .map(|line| {
-                let (series, value) = line.rsplit_once(' ').unwrap();
-                (
-                    series.to_string(),
-                    value
-                        .parse()
-                        .unwrap_or_else(|_| panic!("bad value in {line:?}")),
-                )
-            })
-            .collect();
-        Metrics {
-            text: text.to_string(),
-            samples,
-        }
-    }
-
-    fn value(&self, series: &str) -> Option<f64> {
-        self.samples.get(series).copied()
-    }
-
-    fn get(&self, series: &str) -> f64 {
-        self.value(series)
-            .unwrap_or_else(|| panic!("no series {series} in:\n{}", self.text))
-    }
-}
-
 /// The rank-⌈q·n⌉ value, the definition the quantile gauges approximate.
 fn exact_quantile(sorted: &[u64], q: f64) -> f64 {
     let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
     sorted[rank - 1] as f64
-}
-
-struct Prometheus {
-    child: Child,
-    address: SocketAddr,
-}
-
-impl Prometheus {
-    fn start(directory: &Path, target: SocketAddr) -> Prometheus {
-        let address = free_address();
-        let config = directory.join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: vsrscope\n    static_configs:\n      - targets: ['{target}']\n"
-            ),
-        )
-        .unwrap();
-        let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                directory.join("tsdb").display()
-            ))
-            .arg(format!("--web.listen-address={address}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("prometheus is installed (scripts/setup)");
-        Prometheus { child, address }
-    }
-
-    /// Runs an instant query through the HTTP API; returns the raw JSON.
-    fn query(&self, promql: &str) -> String {
-        let encoded: String = promql
-            .bytes()
-            .map(|byte| match byte {
-                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'.' => (byte as char).to_string(),
-                _ => format!("%{byte:02X}"),
-            })
-            .collect();
-        http_get(self.address, &format!("/api/v1/query?query={encoded}"))
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn http_get(address: SocketAddr, path: &str) -> String {
-    let Ok(mut stream) = TcpStream::connect(address) else {
-        return String::new();
-    };
-    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    response
 }
 
 #[test]

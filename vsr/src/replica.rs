@@ -208,8 +208,8 @@ pub struct Replica<S: Storage> {
     in_flight: HashMap<u64, u64>,
     pending_replies: HashMap<u64, PendingReply>,
     votes: BTreeMap<u64, Votes>,
-    /// Who acknowledged the newest op, kept after it commits: the `prepare_ok_votes` gauge.
-    newest_op_voters: u8,
+    /// PrepareOk votes (own included) of the newest op this primary committed.
+    committed_op_votes: u8,
     last_sent_to_backups_ns: u64,
 
     // Backup.
@@ -272,13 +272,14 @@ impl<S: Storage> Replica<S> {
         }
 
         let state = opened.state;
+        let quorum_size = config.quorum() as u8;
         let mut replica = Replica {
             client_table: ClientTable::new(config.client_sessions_max),
             snapshot: ReplicaSnapshot {
                 version: SNAPSHOT_VERSION,
                 replica_id,
                 cluster_size: config.replica_count,
-                quorum_size: config.quorum() as u8,
+                quorum_size,
                 ..ReplicaSnapshot::default()
             },
             next_snapshot_ns: now_ns,
@@ -303,7 +304,7 @@ impl<S: Storage> Replica<S> {
             in_flight: HashMap::new(),
             pending_replies: HashMap::new(),
             votes: BTreeMap::new(),
-            newest_op_voters: 0,
+            committed_op_votes: quorum_size,
             last_sent_to_backups_ns: now_ns,
             last_heard_primary_ns: now_ns,
             view_change_started_ns: now_ns,
@@ -527,7 +528,7 @@ impl<S: Storage> Replica<S> {
             if self.commit > self.superblock.commit && self.status == ReplicaStatus::Normal {
                 self.superblock_dirty = true;
             }
-            self.publish_snapshot();
+            self.publish_snapshot(now_ns);
         }
     }
 
@@ -670,7 +671,6 @@ impl<S: Storage> Replica<S> {
                     quorum_ns: None,
                 },
             );
-            self.newest_op_voters = 1 << self.config.replica;
             let prepare = self.prepare_message(&entry);
             self.broadcast(prepare);
             self.last_sent_to_backups_ns = now_ns;
@@ -790,9 +790,6 @@ impl<S: Storage> Replica<S> {
         if entry.checksum != header.context {
             return;
         }
-        if header.op == self.op {
-            self.newest_op_voters |= 1 << header.replica;
-        }
         let Some(votes) = self.votes.get_mut(&header.op) else {
             return;
         };
@@ -826,7 +823,13 @@ impl<S: Storage> Replica<S> {
                 break;
             };
             self.execute(&entry, now_ns);
-            self.votes.remove(&op);
+            // An op committed in an earlier view had a quorum then; its voters are not known here.
+            self.committed_op_votes = self
+                .votes
+                .remove(&op)
+                .map_or(self.config.quorum() as u8, |votes| {
+                    votes.replicas.count_ones() as u8
+                });
             self.commit_max = self.commit_max.max(op);
             if let Some(quorum_ns) = quorum_ns {
                 let (replica_id, latency_ns) = (self.config.replica, now_ns - quorum_ns);
@@ -1232,7 +1235,8 @@ impl<S: Storage> Replica<S> {
         self.in_flight.clear();
         self.pending_replies.clear();
         self.votes.clear();
-        self.newest_op_voters = 0;
+        // No evidence against a quorum until this replica leads again and an op stalls.
+        self.committed_op_votes = self.config.quorum() as u8;
     }
 
     fn send_start_view_change(&mut self, now_ns: u64) {
@@ -1666,7 +1670,24 @@ impl<S: Storage> Replica<S> {
         self.outbox.push(Outgoing { destination, frame });
     }
 
-    fn publish_snapshot(&mut self) {
+    /// PrepareOk votes (own included) as a quorum health signal: those of the oldest op that has
+    /// waited a heartbeat interval or longer for its quorum, else those that committed the newest
+    /// op. Younger ops do not count: under load the newest op has only the primary's own vote
+    /// for the millisecond until the backups answer, which says nothing about the quorum.
+    fn quorum_votes(&self, now_ns: u64) -> u8 {
+        self.votes
+            .values()
+            .find(|votes| {
+                votes.quorum_ns.is_none()
+                    && now_ns.saturating_sub(votes.prepared_ns) >= self.config.heartbeat_interval_ns
+            })
+            .map_or(self.committed_op_votes, |votes| {
+                votes.replicas.count_ones() as u8
+            })
+    }
+
+    fn publish_snapshot(&mut self, now_ns: u64) {
+        let quorum_votes = self.quorum_votes(now_ns);
         let is_primary = self.is_primary();
         let snapshot = &mut self.snapshot;
         snapshot.status = self.status as u8;
@@ -1683,7 +1704,7 @@ impl<S: Storage> Replica<S> {
         };
         snapshot.lag_operations = self.commit_max.saturating_sub(self.commit);
         snapshot.prepare_ok_votes = if is_primary {
-            u64::from(self.newest_op_voters.count_ones())
+            u64::from(quorum_votes)
         } else {
             0
         };

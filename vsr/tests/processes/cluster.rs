@@ -9,7 +9,9 @@ use bytes::Bytes;
 use vsr::message::{Entry, Header, Message, SENDER_CLIENT};
 use vsr_probes::Command as Wire;
 
-use testkit::{BenchResult, Cluster, TestDirectory, assert_clear_failure, replica_binary};
+use testkit::{
+    BenchResult, Cluster, TestDirectory, assert_clear_failure, corrupt_middle_byte, replica_binary,
+};
 
 const CLUSTER_ID: u64 = 1;
 
@@ -73,18 +75,6 @@ fn corrupt_journal_entry_is_detected_and_repaired_from_peers() {
         "a restart recovers first: {}",
         starts[1]
     );
-}
-
-pub fn corrupt_middle_byte(path: &std::path::Path) {
-    let mut bytes = std::fs::read(path).unwrap();
-    assert!(
-        bytes.len() > 1000,
-        "journal too small to corrupt: {} bytes",
-        bytes.len()
-    );
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0xff;
-    std::fs::write(path, bytes).unwrap();
 }
 
 /// A valid frame from a client: registration of a session.

@@ -1,4 +1,6 @@
 //! Tests against real processes: replicas, the load generator, bpftrace. Run as root.
 
 mod cluster;
+mod documents;
 mod probes;
+mod tools;

@@ -7,8 +7,10 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::cluster::{corrupt_middle_byte, register_frame, send_malformed_frames};
-use testkit::{BenchResult, Bpftrace, Cluster, map_value, tagged_rows, wait_until};
+use crate::cluster::{register_frame, send_malformed_frames};
+use testkit::{
+    BenchResult, Bpftrace, Cluster, corrupt_middle_byte, map_value, tagged_rows, wait_until,
+};
 
 fn program(binary: &Path, probes: &[(&str, &str)]) -> String {
     probes
