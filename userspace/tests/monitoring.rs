@@ -86,8 +86,12 @@ fn rules_pass_promtool_check_and_their_unit_tests() {
         .current_dir(repository().join("dashboards/prometheus"))
         .output()
         .unwrap();
-    let output = String::from_utf8_lossy(&unit_tests.stdout);
-    assert!(unit_tests.status.success(), "{output}");
+    assert!(
+        unit_tests.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&unit_tests.stdout),
+        String::from_utf8_lossy(&unit_tests.stderr)
+    );
     // Every alert of the seed's table has a unit test.
     let tests = read("dashboards/prometheus/vsr-alerts.test.yml");
     for alert in alert_names() {
