@@ -149,12 +149,25 @@ impl Cluster {
             .append(true)
             .open(self.log_path(replica))
             .unwrap();
-        let child = self
-            .replica_command(replica)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let mut attempts = 0;
+        let child = loop {
+            let spawned = self
+                .replica_command(replica)
+                .stdout(Stdio::null())
+                .stderr(log.try_clone().unwrap())
+                .spawn();
+            match spawned {
+                // The binary was copied a moment ago: a process another test forked meanwhile
+                // still holds the copy's write descriptor until it execs (ETXTBSY).
+                Err(error)
+                    if error.kind() == std::io::ErrorKind::ExecutableFileBusy && attempts < 100 =>
+                {
+                    attempts += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                spawned => break spawned.unwrap(),
+            }
+        };
         self.children[replica] = Some(child);
         let address = self.addresses[replica];
         wait_until(

@@ -4,6 +4,7 @@
 pub mod attach;
 pub mod metrics;
 pub mod process;
+pub mod statsd;
 
 /// USDT discovery, from its own crate so the fuzzer can build it alone.
 pub use vsrscope_usdt as usdt;

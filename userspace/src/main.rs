@@ -16,6 +16,7 @@ use vsrscope::attach::{SEED_BOUNDS_MS, Tracer};
 use vsrscope::metrics::{
     ExporterState, HISTOGRAMS, QuantileWindow, Reading, Resources, exposition,
 };
+use vsrscope::statsd::StatsdEncoder;
 use vsrscope::{process, usdt};
 use vsrscope_common::histogram::BOUNDS_MAX;
 
@@ -70,6 +71,18 @@ enum Command {
         /// adds two clock reads to every probe hit.
         #[arg(long)]
         program_run_time: bool,
+        /// Also push every metric to this StatsD server (UDP HOST:PORT).
+        #[arg(long, value_name = "ADDR")]
+        statsd: Option<SocketAddr>,
+        /// Prepended to every StatsD name.
+        #[arg(long, default_value = "", requires = "statsd")]
+        statsd_prefix: String,
+        /// Seconds between StatsD flushes.
+        #[arg(long, default_value_t = 10, requires = "statsd")]
+        statsd_interval_s: u64,
+        /// Send labels as DogStatsD tags (`|#replica_id:0`) instead of name segments.
+        #[arg(long, requires = "statsd")]
+        statsd_tags: bool,
     },
     /// Attach, wait for one state snapshot from each replica, print it, detach.
     Snapshot {
@@ -107,13 +120,26 @@ fn main() -> ExitCode {
             idle_timeout_s,
             buckets,
             program_run_time,
+            statsd,
+            statsd_prefix,
+            statsd_interval_s,
+            statsd_tags,
         } => bounds_ms(&buckets).and_then(|bounds_ms| {
+            anyhow::ensure!(
+                statsd_interval_s > 0,
+                "--statsd-interval-s must be at least 1"
+            );
             let options = ServeOptions {
                 listen,
                 window: Duration::from_secs(quantile_window_s),
                 idle_timeout: on_demand.then(|| Duration::from_secs(idle_timeout_s)),
                 bounds_ms,
                 program_run_time,
+                statsd: statsd.map(|address| StatsdOptions {
+                    address,
+                    encoder: StatsdEncoder::new(&statsd_prefix, statsd_tags),
+                    interval: Duration::from_secs(statsd_interval_s),
+                }),
             };
             serve(&targets, options)
         }),
@@ -418,6 +444,14 @@ struct ServeOptions {
     idle_timeout: Option<Duration>,
     bounds_ms: Vec<Vec<f64>>,
     program_run_time: bool,
+    statsd: Option<StatsdOptions>,
+}
+
+/// Where and how `serve` pushes to StatsD.
+struct StatsdOptions {
+    address: SocketAddr,
+    encoder: StatsdEncoder,
+    interval: Duration,
 }
 
 fn serve(targets: &Targets, options: ServeOptions) -> anyhow::Result<()> {
@@ -427,6 +461,7 @@ fn serve(targets: &Targets, options: ServeOptions) -> anyhow::Result<()> {
         idle_timeout,
         bounds_ms,
         program_run_time,
+        statsd,
     } = options;
     let plan = plan(targets)?;
     let mut tracer = Tracer::load(&bounds_ms, program_run_time)?;
@@ -474,6 +509,14 @@ fn serve(targets: &Targets, options: ServeOptions) -> anyhow::Result<()> {
                 shared.sample();
             }
         });
+        if let Some(statsd) = statsd {
+            let socket = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
+            eprintln!(
+                "vsrscope: pushing to StatsD at {} every {:?}",
+                statsd.address, statsd.interval
+            );
+            tokio::spawn(push_statsd(statsd, socket, shared.clone()));
+        }
         let mut interrupt = signal(SignalKind::interrupt())?;
         let mut terminate = signal(SignalKind::terminate())?;
         loop {
@@ -490,6 +533,46 @@ fn serve(targets: &Targets, options: ServeOptions) -> anyhow::Result<()> {
         eprintln!("vsrscope: detached");
         Ok(())
     })
+}
+
+/// Every interval, the exposition as StatsD datagrams. UDP is fire-and-forget: a StatsD server
+/// that is down loses those flushes' increases, never the totals `/metrics` serves.
+async fn push_statsd(
+    mut statsd: StatsdOptions,
+    socket: tokio::net::UdpSocket,
+    shared: Arc<Mutex<Shared>>,
+) {
+    let mut ticker = tokio::time::interval(statsd.interval);
+    ticker.tick().await;
+    let mut failures = 0u64;
+    loop {
+        ticker.tick().await;
+        let datagrams = {
+            let mut shared = shared.lock().unwrap();
+            let Some(reading) = shared.sample() else {
+                continue;
+            };
+            let text = exposition(
+                &reading,
+                &shared.window,
+                &shared.bounds_ms,
+                &shared.resources,
+                &shared.state,
+            );
+            statsd.encoder.datagrams(&text)
+        };
+        for datagram in datagrams {
+            if let Err(error) = socket.send_to(datagram.as_bytes(), statsd.address).await {
+                failures += 1;
+                if failures.is_power_of_two() {
+                    eprintln!(
+                        "vsrscope: StatsD send to {} failed ({failures} so far): {error}",
+                        statsd.address
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// A minimal HTTP/1.1 responder: `GET /metrics` and nothing else, one request per connection.

@@ -57,6 +57,10 @@ pub struct Config {
     /// Entries shipped at most in one DoViewChange, StartView or RecoveryResponse; anything
     /// older is repaired through the hash chain.
     pub suffix_max: u64,
+    /// Different in every process that opens this replica (the runtime takes it from the wall
+    /// clock and pid): recovery nonces must not repeat across restarts, and `now_ns` starts
+    /// at 0 in every process.
+    pub nonce_entropy: u64,
 }
 
 impl Config {
@@ -75,6 +79,7 @@ impl Config {
             client_sessions_max: 16 * 1024,
             repair_window: 64,
             suffix_max: 64,
+            nonce_entropy: 0,
         }
     }
 
@@ -1497,9 +1502,12 @@ impl<S: Storage> Replica<S> {
     fn start_recovery(&mut self, now_ns: u64) {
         self.status = ReplicaStatus::Recovering;
         self.recovery_started_ns = now_ns;
-        // Unique per attempt; only needs to differ from earlier attempts of this replica.
-        self.recovery_nonce =
-            now_ns ^ (self.superblock.sequence << 32) ^ u64::from(self.config.replica);
+        // Unique per attempt; only needs to differ from earlier attempts of this replica, also
+        // those of an earlier process that crashed while recovering.
+        self.recovery_nonce = self.config.nonce_entropy
+            ^ now_ns
+            ^ (self.superblock.sequence << 32)
+            ^ u64::from(self.config.replica);
         let (replica_id, nonce, commit) = (self.config.replica, self.recovery_nonce, self.commit);
         probe::recovery_start(|| (replica_id, nonce, commit));
         self.send_recovery(now_ns);

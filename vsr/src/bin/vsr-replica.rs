@@ -67,6 +67,10 @@ fn run(arguments: Arguments) -> anyhow::Result<()> {
         config.client_sessions_max > 0,
         "--client-sessions-max must be at least 1"
     );
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    config.nonce_entropy = since_epoch.as_nanos() as u64 ^ (u64::from(std::process::id()) << 40);
     if arguments.data.exists() && !arguments.data.is_dir() {
         anyhow::bail!("--data {}: not a directory", arguments.data.display());
     }
