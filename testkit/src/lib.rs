@@ -468,11 +468,7 @@ impl Bpftrace {
 
     /// Stops bpftrace with SIGINT (it prints its maps) and returns everything it printed.
     pub fn finish(mut self) -> String {
-        let _ = Command::new("kill")
-            .arg("-INT")
-            .arg(self.child.id().to_string())
-            .status();
-        let status = self.child.wait().unwrap();
+        let status = interrupt(&mut self.child);
         if let Some(reader) = self.reader.take() {
             reader.join().unwrap();
         }
@@ -497,6 +493,30 @@ pub fn corrupt_middle_byte(path: &Path) {
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0xff;
     std::fs::write(path, bytes).unwrap();
+}
+
+/// Stops a tracer the way Ctrl-C does, and waits for it. bpftrace can miss a SIGINT that
+/// arrives while it is still attaching, so the signal is repeated until it exits.
+pub fn interrupt(child: &mut Child) -> ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let _ = Command::new("kill")
+            .arg("-INT")
+            .arg(child.id().to_string())
+            .status();
+        let resent = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < resent {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process {} ignored SIGINT for 30 s",
+            child.id()
+        );
+    }
 }
 
 /// Lines of bpftrace output that start with `tag`, split into their numeric fields.

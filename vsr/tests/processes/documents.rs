@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use regex::Regex;
-use testkit::{BenchResult, Cluster, TestDirectory, wait_until};
+use testkit::{BenchResult, Cluster, TestDirectory, interrupt, wait_until};
 
 /// One command of a document, numbered in document order.
 #[derive(Debug)]
@@ -145,13 +145,8 @@ fn every_one_liner_in_the_tutorial_runs_and_prints_what_it_teaches() {
         .unwrap();
     assert!(status.success());
     BenchResult::from_child(bench).assert_verified();
-    for (_, child, _) in &running {
-        let _ = Command::new("kill")
-            .args(["-INT", &child.id().to_string()])
-            .status();
-    }
     for ((number, mut child, stdout), stderr) in running.into_iter().zip(errors) {
-        let status = child.wait().unwrap();
+        let status = interrupt(&mut child);
         let text = stdout.join().unwrap();
         let stderr = stderr.join().unwrap();
         assert!(
