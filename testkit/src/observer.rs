@@ -27,6 +27,15 @@ pub struct Serve {
 
 impl Serve {
     pub fn start(directory: &Path, arguments: &[&str]) -> Serve {
+        Serve::start_with_environment(directory, arguments, &[])
+    }
+
+    /// With extra environment variables (the `OTEL_*` configuration, say).
+    pub fn start_with_environment(
+        directory: &Path,
+        arguments: &[&str],
+        environment: &[(&str, &str)],
+    ) -> Serve {
         let address = free_address();
         let log = directory.join(format!("vsrscope-{}.log", address.port()));
         let child = Command::new(binary("vsrscope"))
@@ -34,6 +43,7 @@ impl Serve {
             .args(arguments)
             .arg("--listen")
             .arg(address.to_string())
+            .envs(environment.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()

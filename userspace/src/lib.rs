@@ -3,6 +3,7 @@
 
 pub mod attach;
 pub mod metrics;
+pub mod otlp;
 pub mod process;
 pub mod statsd;
 

@@ -14,8 +14,10 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use vsrscope::attach::{SEED_BOUNDS_MS, Tracer};
 use vsrscope::metrics::{
-    ExporterState, HISTOGRAMS, QuantileWindow, Reading, Resources, exposition,
+    ExporterState, Family, HISTOGRAMS, PushCounts, QuantileWindow, Reading, Resources, families,
+    prometheus_text,
 };
+use vsrscope::otlp::{OtlpEncoder, OtlpExporter, OtlpFlags, OtlpSettings, ReplicaProcess};
 use vsrscope::statsd::StatsdEncoder;
 use vsrscope::{process, usdt};
 use vsrscope_common::histogram::BOUNDS_MAX;
@@ -40,7 +42,46 @@ struct Targets {
     binaries: Vec<PathBuf>,
 }
 
+#[derive(Debug, clap::Args)]
+struct StatsdArgs {
+    /// Also push every metric to this StatsD server (UDP HOST:PORT).
+    #[arg(long, value_name = "ADDR")]
+    statsd: Option<SocketAddr>,
+    /// Prepended to every StatsD name.
+    #[arg(long, default_value = "", requires = "statsd")]
+    statsd_prefix: String,
+    /// Seconds between StatsD flushes.
+    #[arg(long, default_value_t = 10, requires = "statsd")]
+    statsd_interval_s: u64,
+    /// Send labels as DogStatsD tags (`|#replica_id:0`) instead of name segments.
+    #[arg(long, requires = "statsd")]
+    statsd_tags: bool,
+}
+
+/// Unset options fall back to the standard OTEL_* environment variables (docs/exporting.md).
+#[derive(Debug, clap::Args)]
+struct OtlpArgs {
+    /// Also push every metric to this OTLP receiver, e.g. an OpenTelemetry Collector at
+    /// http://localhost:4317 (or OTEL_EXPORTER_OTLP_ENDPOINT).
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
+    /// grpc (default) or http/protobuf (or OTEL_EXPORTER_OTLP_PROTOCOL).
+    #[arg(long, value_name = "PROTOCOL")]
+    otlp_protocol: Option<String>,
+    /// Seconds between exports [default: 10, or OTEL_METRIC_EXPORT_INTERVAL in ms].
+    #[arg(long, value_name = "SECONDS")]
+    otlp_interval_s: Option<u64>,
+    /// A header sent with every export, e.g. for authentication (repeatable; or
+    /// OTEL_EXPORTER_OTLP_HEADERS).
+    #[arg(long = "otlp-header", value_name = "K=V")]
+    otlp_headers: Vec<String>,
+}
+
 #[derive(Debug, Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at start; its size costs nothing"
+)]
 enum Command {
     /// List the probes of a binary or a running process: sites, semaphores, arguments.
     List {
@@ -71,18 +112,10 @@ enum Command {
         /// adds two clock reads to every probe hit.
         #[arg(long)]
         program_run_time: bool,
-        /// Also push every metric to this StatsD server (UDP HOST:PORT).
-        #[arg(long, value_name = "ADDR")]
-        statsd: Option<SocketAddr>,
-        /// Prepended to every StatsD name.
-        #[arg(long, default_value = "", requires = "statsd")]
-        statsd_prefix: String,
-        /// Seconds between StatsD flushes.
-        #[arg(long, default_value_t = 10, requires = "statsd")]
-        statsd_interval_s: u64,
-        /// Send labels as DogStatsD tags (`|#replica_id:0`) instead of name segments.
-        #[arg(long, requires = "statsd")]
-        statsd_tags: bool,
+        #[command(flatten)]
+        statsd: StatsdArgs,
+        #[command(flatten)]
+        otlp: OtlpArgs,
     },
     /// Attach, wait for one state snapshot from each replica, print it, detach.
     Snapshot {
@@ -121,25 +154,35 @@ fn main() -> ExitCode {
             buckets,
             program_run_time,
             statsd,
-            statsd_prefix,
-            statsd_interval_s,
-            statsd_tags,
+            otlp,
         } => bounds_ms(&buckets).and_then(|bounds_ms| {
             anyhow::ensure!(
-                statsd_interval_s > 0,
+                statsd.statsd_interval_s > 0,
                 "--statsd-interval-s must be at least 1"
             );
+            anyhow::ensure!(
+                otlp.otlp_interval_s != Some(0),
+                "--otlp-interval-s must be at least 1"
+            );
+            let flags = OtlpFlags {
+                endpoint: otlp.otlp_endpoint,
+                protocol: otlp.otlp_protocol,
+                headers: otlp.otlp_headers,
+                interval: otlp.otlp_interval_s.map(Duration::from_secs),
+            };
+            let otlp = OtlpSettings::resolve(&flags, |name| std::env::var(name).ok())?;
             let options = ServeOptions {
                 listen,
                 window: Duration::from_secs(quantile_window_s),
                 idle_timeout: on_demand.then(|| Duration::from_secs(idle_timeout_s)),
                 bounds_ms,
                 program_run_time,
-                statsd: statsd.map(|address| StatsdOptions {
+                statsd: statsd.statsd.map(|address| StatsdOptions {
                     address,
-                    encoder: StatsdEncoder::new(&statsd_prefix, statsd_tags),
-                    interval: Duration::from_secs(statsd_interval_s),
+                    encoder: StatsdEncoder::new(&statsd.statsd_prefix, statsd.statsd_tags),
+                    interval: Duration::from_secs(statsd.statsd_interval_s),
                 }),
+                otlp,
             };
             serve(&targets, options)
         }),
@@ -397,6 +440,16 @@ impl Shared {
         }
     }
 
+    fn families(&self, reading: &Reading) -> Vec<Family> {
+        families(
+            reading,
+            &self.window,
+            &self.bounds_ms,
+            &self.resources,
+            &self.state,
+        )
+    }
+
     /// Reads the maps; keeps the quantile window and the resource rates current.
     fn sample(&mut self) -> Option<Reading> {
         let reading = match Reading::read(self.tracer.ebpf()) {
@@ -445,6 +498,7 @@ struct ServeOptions {
     bounds_ms: Vec<Vec<f64>>,
     program_run_time: bool,
     statsd: Option<StatsdOptions>,
+    otlp: Option<OtlpSettings>,
 }
 
 /// Where and how `serve` pushes to StatsD.
@@ -462,7 +516,10 @@ fn serve(targets: &Targets, options: ServeOptions) -> anyhow::Result<()> {
         bounds_ms,
         program_run_time,
         statsd,
+        otlp,
     } = options;
+    // Kernel-map counters count from here: the start time of every cumulative OTLP series.
+    let started_unix_ns = unix_now_ns();
     let plan = plan(targets)?;
     let mut tracer = Tracer::load(&bounds_ms, program_run_time)?;
     let described = if idle_timeout.is_some() {
@@ -509,13 +566,52 @@ fn serve(targets: &Targets, options: ServeOptions) -> anyhow::Result<()> {
                 shared.sample();
             }
         });
+        let (shutdown, shutdown_seen) = tokio::sync::watch::channel(false);
+        let mut pushers = Vec::new();
         if let Some(statsd) = statsd {
             let socket = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
             eprintln!(
                 "vsrscope: pushing to StatsD at {} every {:?}",
                 statsd.address, statsd.interval
             );
-            tokio::spawn(push_statsd(statsd, socket, shared.clone()));
+            shared
+                .lock()
+                .unwrap()
+                .state
+                .pushes
+                .insert(STATSD, PushCounts::default());
+            pushers.push(tokio::spawn(push_statsd(
+                statsd,
+                socket,
+                shared.clone(),
+                shutdown_seen.clone(),
+            )));
+        }
+        if let Some(settings) = otlp {
+            let exporter = OtlpExporter::new(&settings)?;
+            let encoder = OtlpEncoder::new(
+                settings.resource.clone(),
+                host_name(),
+                std::process::id(),
+                started_unix_ns,
+            );
+            eprintln!(
+                "vsrscope: exporting OTLP ({:?}) to {} every {:?}",
+                settings.protocol, settings.endpoint, settings.interval
+            );
+            shared
+                .lock()
+                .unwrap()
+                .state
+                .pushes
+                .insert(OTLP, PushCounts::default());
+            pushers.push(tokio::spawn(push_otlp(
+                exporter,
+                encoder,
+                settings.interval,
+                shared.clone(),
+                shutdown_seen.clone(),
+            )));
         }
         let mut interrupt = signal(SignalKind::interrupt())?;
         let mut terminate = signal(SignalKind::terminate())?;
@@ -529,49 +625,142 @@ fn serve(targets: &Targets, options: ServeOptions) -> anyhow::Result<()> {
                 _ = terminate.recv() => break,
             }
         }
+        // One last push each, so receivers get the final totals.
+        let _ = shutdown.send(true);
+        for pusher in pushers {
+            let _ = tokio::time::timeout(Duration::from_secs(5), pusher).await;
+        }
         shared.lock().unwrap().tracer.detach_all();
         eprintln!("vsrscope: detached");
         Ok(())
     })
 }
 
-/// Every interval, the exposition as StatsD datagrams. UDP is fire-and-forget: a StatsD server
+const STATSD: &str = "statsd";
+const OTLP: &str = "otlp";
+
+fn unix_now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos() as u64)
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// When a push exporter pushes: every interval, and once more when `shutdown` turns true.
+struct Schedule {
+    ticker: tokio::time::Interval,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    finished: bool,
+}
+
+impl Schedule {
+    fn new(interval: Duration, shutdown: tokio::sync::watch::Receiver<bool>) -> Schedule {
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        // A push that outlasts the interval (a slow receiver) delays the next; none pile up.
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Schedule {
+            ticker,
+            shutdown,
+            finished: false,
+        }
+    }
+
+    /// Waits until the next push is due; false once the final push is done.
+    async fn next(&mut self) -> bool {
+        if self.finished {
+            return false;
+        }
+        tokio::select! {
+            _ = self.ticker.tick() => {}
+            _ = self.shutdown.wait_for(|stop| *stop) => self.finished = true,
+        }
+        true
+    }
+}
+
+/// Counts a push and whether it failed, for `vsrscope_push{es,_failures}_total`; logs failures
+/// sparingly (the 1st, 2nd, 4th, 8th…).
+fn record_push(shared: &Mutex<Shared>, exporter: &'static str, failure: Option<String>) {
+    let failed = {
+        let mut shared = shared.lock().unwrap();
+        let counts = shared.state.pushes.entry(exporter).or_default();
+        counts.attempted += 1;
+        counts.failed += u64::from(failure.is_some());
+        counts.failed
+    };
+    if let Some(reason) = failure
+        && failed.is_power_of_two()
+    {
+        eprintln!("vsrscope: {exporter} push failed ({failed} so far): {reason}");
+    }
+}
+
+/// Every interval, the metrics as StatsD datagrams. UDP is fire-and-forget: a StatsD server
 /// that is down loses those flushes' increases, never the totals `/metrics` serves.
 async fn push_statsd(
     mut statsd: StatsdOptions,
     socket: tokio::net::UdpSocket,
     shared: Arc<Mutex<Shared>>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut ticker = tokio::time::interval(statsd.interval);
-    ticker.tick().await;
-    let mut failures = 0u64;
-    loop {
-        ticker.tick().await;
+    let mut schedule = Schedule::new(statsd.interval, shutdown);
+    while schedule.next().await {
         let datagrams = {
             let mut shared = shared.lock().unwrap();
             let Some(reading) = shared.sample() else {
                 continue;
             };
-            let text = exposition(
-                &reading,
-                &shared.window,
-                &shared.bounds_ms,
-                &shared.resources,
-                &shared.state,
-            );
-            statsd.encoder.datagrams(&text)
+            statsd.encoder.datagrams(&shared.families(&reading))
         };
+        let mut failure = None;
         for datagram in datagrams {
             if let Err(error) = socket.send_to(datagram.as_bytes(), statsd.address).await {
-                failures += 1;
-                if failures.is_power_of_two() {
-                    eprintln!(
-                        "vsrscope: StatsD send to {} failed ({failures} so far): {error}",
-                        statsd.address
-                    );
-                }
+                failure = Some(format!("sending to {}: {error}", statsd.address));
             }
         }
+        record_push(&shared, STATSD, failure);
+    }
+}
+
+/// Every interval, the metrics as one OTLP export request of cumulative totals; a failed
+/// export is retried until the next is due, then dropped (the next carries newer totals).
+async fn push_otlp(
+    mut exporter: OtlpExporter,
+    encoder: OtlpEncoder,
+    interval: Duration,
+    shared: Arc<Mutex<Shared>>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut schedule = Schedule::new(interval, shutdown);
+    while schedule.next().await {
+        let request = {
+            let mut shared = shared.lock().unwrap();
+            let Some(reading) = shared.sample() else {
+                continue;
+            };
+            let replicas = reading
+                .snapshots
+                .iter()
+                .filter_map(|(replica, (_, pid))| {
+                    let started_unix_ns = process::start_time_unix_ns(*pid).ok()?;
+                    Some((
+                        *replica,
+                        ReplicaProcess {
+                            pid: *pid,
+                            started_unix_ns,
+                        },
+                    ))
+                })
+                .collect();
+            encoder.request(&shared.families(&reading), &replicas, unix_now_ns())
+        };
+        let outcome = exporter.export(&request, Instant::now() + interval).await;
+        record_push(&shared, OTLP, outcome.err().map(|error| error.to_string()));
     }
 }
 
@@ -599,13 +788,7 @@ async fn respond(mut stream: tokio::net::TcpStream, shared: Arc<Mutex<Shared>>) 
             }
             match shared.sample() {
                 Some(reading) => {
-                    let body = exposition(
-                        &reading,
-                        &shared.window,
-                        &shared.bounds_ms,
-                        &shared.resources,
-                        &shared.state,
-                    );
+                    let body = prometheus_text(&shared.families(&reading));
                     shared.state.last_scrape_seconds = started.elapsed().as_secs_f64();
                     ("200 OK", "text/plain; version=0.0.4; charset=utf-8", body)
                 }

@@ -248,104 +248,144 @@ pub struct ExporterState {
     pub program_run_time: Vec<(&'static str, u64, f64)>,
     pub map_read_errors: u64,
     pub last_scrape_seconds: f64,
+    /// Per push exporter (`otlp`, `statsd`): pushes attempted and pushes that failed.
+    pub pushes: BTreeMap<&'static str, PushCounts>,
 }
 
-struct Writer {
-    text: String,
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PushCounts {
+    pub attempted: u64,
+    pub failed: u64,
 }
 
-impl Writer {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.text, "# HELP {name} {help}");
-        let _ = writeln!(self.text, "# TYPE {name} {kind}");
-    }
+/// What a family's values mean, which decides how each exporter writes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Monotonic since `Origin`.
+    Counter,
+    Gauge,
+    Histogram,
+}
 
-    fn sample(&mut self, name: &str, labels: &[(&str, String)], value: impl std::fmt::Display) {
-        self.text.push_str(name);
-        if !labels.is_empty() {
-            self.text.push('{');
-            for (index, (label, label_value)) in labels.iter().enumerate() {
-                if index > 0 {
-                    self.text.push(',');
-                }
-                let _ = write!(self.text, "{label}=\"{label_value}\"");
-            }
-            self.text.push('}');
+/// Since when a counter or histogram has counted: a reset of its origin restarts it from zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The kernel maps, created when vsrscope started (they persist across detach/re-attach).
+    Exporter,
+    /// The replica process's own tallies, carried in its state snapshot.
+    ReplicaProcess,
+}
+
+/// One metric with every series it has now: the model all exporters render.
+#[derive(Debug, Clone)]
+pub struct Family {
+    pub name: String,
+    pub help: String,
+    pub kind: Kind,
+    pub origin: Origin,
+    pub points: Vec<Point>,
+}
+
+/// One series: the replica it describes (none for vsrscope's own metrics), its other labels in
+/// order, and its value.
+#[derive(Debug, Clone)]
+pub struct Point {
+    pub replica: Option<u32>,
+    pub labels: Vec<(&'static str, String)>,
+    pub value: Value,
+}
+
+#[derive(Debug, Clone)]
+pub enum Value {
+    Integer(u64),
+    Real(f64),
+    Histogram(HistogramPoint),
+}
+
+/// A latency histogram in milliseconds: `buckets[i]` counts values in (bounds_ms[i-1],
+/// bounds_ms[i]]; the extra last bucket counts values above every bound.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistogramPoint {
+    pub bounds_ms: Vec<f64>,
+    pub buckets: Vec<u64>,
+    pub sum_ms: f64,
+    pub count: u64,
+}
+
+impl Family {
+    fn new(name: impl Into<String>, kind: Kind, help: impl Into<String>) -> Family {
+        Family {
+            name: name.into(),
+            help: help.into(),
+            kind,
+            origin: Origin::Exporter,
+            points: Vec::new(),
         }
-        let _ = writeln!(self.text, " {value}");
+    }
+
+    fn point(&mut self, replica: Option<u32>, labels: Vec<(&'static str, String)>, value: Value) {
+        self.points.push(Point {
+            replica,
+            labels,
+            value,
+        });
     }
 }
 
-fn replica_label(replica: u32) -> (&'static str, String) {
-    ("replica_id", replica.to_string())
-}
-
-/// Milliseconds as Prometheus prints them: no trailing zeros, exact for the seed's bounds.
-fn milliseconds(nanoseconds: f64) -> String {
-    format!("{}", nanoseconds / 1e6)
-}
-
-/// Writes the whole exposition.
-pub fn exposition(
+/// Every metric vsrscope exports, from one reading of the maps.
+pub fn families(
     reading: &Reading,
     window: &QuantileWindow,
     bounds_ms: &[Vec<f64>],
     resources: &BTreeMap<u32, Resources>,
     state: &ExporterState,
-) -> String {
-    let mut out = Writer {
-        text: String::with_capacity(64 * 1024),
-    };
+) -> Vec<Family> {
+    let mut families = Vec::with_capacity(64);
     for (histogram, (name, help)) in HISTOGRAMS.iter().enumerate() {
-        let series: Vec<(&(u32, u32), &HistogramReading)> = reading
+        let series: Vec<(u32, &HistogramReading)> = reading
             .histograms
             .iter()
             .filter(|((id, _), _)| *id == histogram as u32)
+            .map(|((_, replica), reading)| (*replica, reading))
             .collect();
-        out.family(name, "histogram", help);
-        for ((_, replica), reading) in &series {
-            let mut cumulative = 0;
-            for (index, bound) in bounds_ms[histogram].iter().enumerate() {
-                cumulative += reading.buckets[index];
-                out.sample(
-                    &format!("{name}_bucket"),
-                    &[replica_label(*replica), ("le", format!("{bound}"))],
-                    cumulative,
-                );
-            }
-            out.sample(
-                &format!("{name}_bucket"),
-                &[replica_label(*replica), ("le", "+Inf".into())],
-                reading.count,
-            );
-            out.sample(
-                &format!("{name}_sum"),
-                &[replica_label(*replica)],
-                milliseconds(reading.sum_ns as f64),
-            );
-            out.sample(
-                &format!("{name}_count"),
-                &[replica_label(*replica)],
-                reading.count,
+        let bounds = &bounds_ms[histogram];
+        let mut family = Family::new(*name, Kind::Histogram, *help);
+        for (replica, reading) in &series {
+            let mut buckets = reading.buckets[..bounds.len()].to_vec();
+            let bounded: u64 = buckets.iter().sum();
+            // CPUs' slots are read one after another while programs may run: never let a
+            // bucket that was read after its count make the buckets outnumber the count.
+            let count = reading.count.max(bounded);
+            buckets.push(count - bounded);
+            family.point(
+                Some(*replica),
+                Vec::new(),
+                Value::Histogram(HistogramPoint {
+                    bounds_ms: bounds.clone(),
+                    buckets,
+                    sum_ms: reading.sum_ns as f64 / 1e6,
+                    count,
+                }),
             );
         }
+        families.push(family);
         for (q, suffix) in QUANTILES {
-            let family = format!("{name}_{suffix}");
-            out.family(
-                &family,
-                "gauge",
-                &format!(
+            let mut family = Family::new(
+                format!("{name}_{suffix}"),
+                Kind::Gauge,
+                format!(
                     "{help}: {suffix} over the last {} s",
                     window.window.as_secs()
                 ),
             );
-            for ((_, replica), reading) in &series {
+            for (replica, reading) in &series {
                 if let Some(value) =
                     window.quantile_ms((histogram as u32, *replica), &reading.fine, q)
                 {
-                    out.sample(&family, &[replica_label(*replica)], format!("{value}"));
+                    family.point(Some(*replica), Vec::new(), Value::Real(value));
                 }
             }
+            families.push(family);
         }
     }
 
@@ -358,7 +398,7 @@ pub fn exposition(
             .map(|(code, value)| (slot + code, label, value))
             .collect()
     };
-    let families: Vec<(&str, &str, Vec<CounterSeries>)> = vec![
+    let counters: Vec<(&str, &str, Vec<CounterSeries>)> = vec![
         (
             "vsr_operations_total",
             "Total operations committed",
@@ -431,17 +471,19 @@ pub fn exposition(
             vec![(counter::SESSIONS_EVICTED, "", "")],
         ),
     ];
-    for (name, help, slots) in families {
-        out.family(name, "counter", help);
+    for (name, help, slots) in counters {
+        let mut family = Family::new(name, Kind::Counter, help);
         for (replica, values) in &reading.counters {
             for (slot, label, label_value) in &slots {
-                let mut labels = vec![replica_label(*replica)];
-                if !label.is_empty() {
-                    labels.push((label, label_value.to_string()));
-                }
-                out.sample(name, &labels, values[*slot]);
+                let labels = if label.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![(*label, label_value.to_string())]
+                };
+                family.point(Some(*replica), labels, Value::Integer(values[*slot]));
             }
         }
+        families.push(family);
     }
 
     for (name, help, sent) in [
@@ -452,7 +494,8 @@ pub fn exposition(
             false,
         ),
     ] {
-        out.family(name, "counter", help);
+        let mut family = Family::new(name, Kind::Counter, help);
+        family.origin = Origin::ReplicaProcess;
         for (replica, (snapshot, _)) in &reading.snapshots {
             let counts = if sent {
                 &snapshot.messages_sent
@@ -460,16 +503,14 @@ pub fn exposition(
                 &snapshot.messages_received
             };
             for command in Command::ALL {
-                out.sample(
-                    name,
-                    &[
-                        replica_label(*replica),
-                        ("message_type", command.label().into()),
-                    ],
-                    counts[*command as usize],
+                family.point(
+                    Some(*replica),
+                    vec![("message_type", command.label().into())],
+                    Value::Integer(counts[*command as usize]),
                 );
             }
         }
+        families.push(family);
     }
 
     type Field = fn(&ReplicaSnapshot) -> u64;
@@ -519,10 +560,11 @@ pub fn exposition(
         ),
     ];
     for (name, help, field) in gauges {
-        out.family(name, "gauge", help);
+        let mut family = Family::new(name, Kind::Gauge, help);
         for (replica, (snapshot, _)) in &reading.snapshots {
-            out.sample(name, &[replica_label(*replica)], field(snapshot));
+            family.point(Some(*replica), Vec::new(), Value::Integer(field(snapshot)));
         }
+        families.push(family);
     }
 
     type Resource = fn(&Resources) -> f64;
@@ -554,86 +596,169 @@ pub fn exposition(
         ),
     ];
     for (name, help, field) in resource_gauges {
-        out.family(name, "gauge", help);
+        let mut family = Family::new(name, Kind::Gauge, help);
         for (replica, resource) in resources {
-            out.sample(name, &[replica_label(*replica)], field(resource));
+            family.point(Some(*replica), Vec::new(), Value::Real(field(resource)));
         }
+        families.push(family);
     }
 
-    out.family(
+    families.extend(self_families(reading, state));
+    families
+}
+
+/// vsrscope's metrics about itself.
+fn self_families(reading: &Reading, state: &ExporterState) -> Vec<Family> {
+    let mut families = Vec::new();
+    let mut single =
+        |name: &str, kind: Kind, help: &str, labels: Vec<(&'static str, String)>, value: Value| {
+            let mut family = Family::new(name, kind, help);
+            family.point(None, labels, value);
+            families.push(family);
+        };
+    single(
         "vsrscope_attached_sites",
-        "gauge",
+        Kind::Gauge,
         "USDT sites vsrscope has a uprobe on",
+        Vec::new(),
+        Value::Integer(state.attached_sites as u64),
     );
-    out.sample("vsrscope_attached_sites", &[], state.attached_sites);
-    out.family(
+    let mut hits = Family::new(
         "vsrscope_program_hits_total",
-        "counter",
+        Kind::Counter,
         "Probe hits handled by each eBPF program",
     );
     for (index, program) in PROGRAMS.iter().enumerate() {
-        out.sample(
-            "vsrscope_program_hits_total",
-            &[("program", program.to_string())],
-            reading.self_counters[self_metric::HITS + index],
+        hits.point(
+            None,
+            vec![("program", program.to_string())],
+            Value::Integer(reading.self_counters[self_metric::HITS + index]),
         );
     }
+    let mut run_families = Vec::new();
     if !state.program_run_time.is_empty() {
-        out.family(
+        let mut runs = Family::new(
             "vsrscope_program_runs_total",
-            "counter",
+            Kind::Counter,
             "Program runs counted by the kernel",
         );
-        for (program, runs, _) in &state.program_run_time {
-            out.sample(
-                "vsrscope_program_runs_total",
-                &[("program", program.to_string())],
-                runs,
-            );
-        }
-        out.family(
+        let mut seconds = Family::new(
             "vsrscope_program_run_seconds_total",
-            "counter",
+            Kind::Counter,
             "Time the kernel spent running each program",
         );
-        for (program, _, seconds) in &state.program_run_time {
-            out.sample(
-                "vsrscope_program_run_seconds_total",
-                &[("program", program.to_string())],
-                seconds,
-            );
+        for (program, run_count, run_seconds) in &state.program_run_time {
+            let labels = vec![("program", program.to_string())];
+            runs.point(None, labels.clone(), Value::Integer(*run_count));
+            seconds.point(None, labels, Value::Real(*run_seconds));
         }
+        run_families = vec![runs, seconds];
     }
-    out.family(
+    let mut lost = Family::new(
         "vsrscope_lost_events_total",
-        "counter",
+        Kind::Counter,
         "Probe hits that could not be recorded",
     );
-    out.sample(
-        "vsrscope_lost_events_total",
-        &[("cause", "unrecordable_hit".into())],
-        reading.self_counters[self_metric::LOST],
+    lost.point(
+        None,
+        vec![("cause", "unrecordable_hit".into())],
+        Value::Integer(reading.self_counters[self_metric::LOST]),
     );
-    out.sample(
-        "vsrscope_lost_events_total",
-        &[("cause", "batch_overflow".into())],
-        reading.self_counters[self_metric::LOST_BATCH_LATENCIES],
+    lost.point(
+        None,
+        vec![("cause", "batch_overflow".into())],
+        Value::Integer(reading.self_counters[self_metric::LOST_BATCH_LATENCIES]),
     );
-    out.family(
+    let mut read_errors = Family::new(
         "vsrscope_map_read_errors_total",
-        "counter",
+        Kind::Counter,
         "Failed reads of the kernel maps",
     );
-    out.sample("vsrscope_map_read_errors_total", &[], state.map_read_errors);
-    out.family(
+    read_errors.point(None, Vec::new(), Value::Integer(state.map_read_errors));
+    let mut scrape = Family::new(
         "vsrscope_scrape_duration_seconds",
-        "gauge",
+        Kind::Gauge,
         "Time the previous scrape took to read maps and render",
     );
-    out.sample(
-        "vsrscope_scrape_duration_seconds",
-        &[],
-        state.last_scrape_seconds,
-    );
-    out.text
+    scrape.point(None, Vec::new(), Value::Real(state.last_scrape_seconds));
+    families.push(hits);
+    families.extend(run_families);
+    families.extend([lost, read_errors, scrape]);
+    if !state.pushes.is_empty() {
+        let mut attempted = Family::new(
+            "vsrscope_pushes_total",
+            Kind::Counter,
+            "Pushes to a push exporter (OTLP export requests, StatsD flushes)",
+        );
+        let mut failed = Family::new(
+            "vsrscope_push_failures_total",
+            Kind::Counter,
+            "Pushes that did not reach the receiver after every retry",
+        );
+        for (exporter, counts) in &state.pushes {
+            let labels = vec![("exporter", exporter.to_string())];
+            attempted.point(None, labels.clone(), Value::Integer(counts.attempted));
+            failed.point(None, labels, Value::Integer(counts.failed));
+        }
+        families.extend([attempted, failed]);
+    }
+    families
+}
+
+/// The families in the Prometheus text format (0.0.4).
+pub fn prometheus_text(families: &[Family]) -> String {
+    let mut text = String::with_capacity(64 * 1024);
+    for family in families {
+        let kind = match family.kind {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        };
+        let _ = writeln!(text, "# HELP {} {}", family.name, family.help);
+        let _ = writeln!(text, "# TYPE {} {kind}", family.name);
+        for point in &family.points {
+            let mut labels = Vec::with_capacity(point.labels.len() + 2);
+            if let Some(replica) = point.replica {
+                labels.push(("replica_id", replica.to_string()));
+            }
+            labels.extend(point.labels.iter().cloned());
+            match &point.value {
+                Value::Integer(value) => sample(&mut text, &family.name, &labels, value),
+                Value::Real(value) => sample(&mut text, &family.name, &labels, value),
+                Value::Histogram(histogram) => {
+                    let bucket = format!("{}_bucket", family.name);
+                    let mut cumulative = 0;
+                    for (bound, count) in histogram.bounds_ms.iter().zip(&histogram.buckets) {
+                        cumulative += count;
+                        let mut labels = labels.clone();
+                        labels.push(("le", format!("{bound}")));
+                        sample(&mut text, &bucket, &labels, cumulative);
+                    }
+                    let mut infinite = labels.clone();
+                    infinite.push(("le", "+Inf".into()));
+                    sample(&mut text, &bucket, &infinite, histogram.count);
+                    let sum = format!("{}_sum", family.name);
+                    sample(&mut text, &sum, &labels, histogram.sum_ms);
+                    let count = format!("{}_count", family.name);
+                    sample(&mut text, &count, &labels, histogram.count);
+                }
+            }
+        }
+    }
+    text
+}
+
+fn sample(text: &mut String, name: &str, labels: &[(&str, String)], value: impl std::fmt::Display) {
+    text.push_str(name);
+    if !labels.is_empty() {
+        text.push('{');
+        for (index, (label, label_value)) in labels.iter().enumerate() {
+            if index > 0 {
+                text.push(',');
+            }
+            let _ = write!(text, "{label}=\"{label_value}\"");
+        }
+        text.push('}');
+    }
+    let _ = writeln!(text, " {value}");
 }

@@ -89,3 +89,25 @@ pub fn find_by_name(name: &str) -> Vec<u32> {
 pub fn find_by_executable(path: &std::path::Path) -> Vec<u32> {
     processes(|executable| executable == path)
 }
+
+/// When a process started, in nanoseconds since the Unix epoch (to the kernel's clock tick).
+pub fn start_time_unix_ns(pid: u32) -> Result<u64, ProcessError> {
+    let unreadable = |reason: String| ProcessError::Unreadable { pid, reason };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|_| ProcessError::NoSuchProcess(pid))?;
+    // Fields after the parenthesised command name; starttime (ticks after boot) is the 20th.
+    let start_ticks: u64 = stat
+        .rsplit_once(')')
+        .and_then(|(_, fields)| fields.split_whitespace().nth(19))
+        .and_then(|field| field.parse().ok())
+        .ok_or_else(|| unreadable("malformed /proc/PID/stat".into()))?;
+    let boot_seconds: u64 = std::fs::read_to_string("/proc/stat")
+        .map_err(|error| unreadable(format!("/proc/stat: {error}")))?
+        .lines()
+        .find_map(|line| line.strip_prefix("btime "))
+        .and_then(|value| value.trim().parse().ok())
+        .ok_or_else(|| unreadable("no btime in /proc/stat".into()))?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Ok(boot_seconds * 1_000_000_000 + start_ticks * (1_000_000_000 / ticks_per_second))
+}

@@ -1,6 +1,6 @@
-//! StatsD push, from the same exposition `/metrics` serves, so the two can never disagree.
+//! StatsD push, from the same metric families `/metrics` serves, so the two can never disagree.
 //!
-//! Every flush turns the exposition into StatsD lines:
+//! Every flush turns the families into StatsD lines:
 //! - counters become the increase since the previous flush (`|c`): StatsD servers sum what they
 //!   receive, so sending running totals would multiply every count;
 //! - gauges are sent as they are (`|g`), quantile gauges included;
@@ -13,14 +13,10 @@
 
 use std::collections::HashMap;
 
+use crate::metrics::{Family, Kind, Value};
+
 /// Fits a 1500-byte Ethernet MTU with IPv6 and UDP headers to spare, as StatsD clients do.
 pub const DATAGRAM_BYTES_MAX: usize = 1432;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Counter,
-    Gauge,
-}
 
 /// Remembers the last totals sent, to send increases.
 #[derive(Debug, Default)]
@@ -39,67 +35,57 @@ impl StatsdEncoder {
         }
     }
 
-    /// The datagrams for one flush of `exposition` (Prometheus text format).
-    pub fn datagrams(&mut self, exposition: &str) -> Vec<String> {
-        let mut kinds: HashMap<&str, Kind> = HashMap::new();
+    /// The datagrams for one flush.
+    pub fn datagrams(&mut self, families: &[Family]) -> Vec<String> {
         let mut lines = Vec::new();
-        // Prometheus buckets are cumulative (`le` includes every smaller bucket) and listed in
-        // order; StatsD gets each bucket's own count: this one's minus the one before.
-        let mut smaller_bucket: Option<(String, f64)> = None;
-        for line in exposition.lines() {
-            if let Some(declaration) = line.strip_prefix("# TYPE ") {
-                let mut words = declaration.split_whitespace();
-                if let (Some(name), Some(kind)) = (words.next(), words.next()) {
-                    let kind = if kind == "gauge" {
-                        Kind::Gauge
-                    } else {
-                        Kind::Counter
-                    };
-                    kinds.insert(name, kind);
+        for family in families {
+            for point in &family.points {
+                let mut labels: Vec<(&str, String)> = Vec::with_capacity(point.labels.len() + 2);
+                if let Some(replica) = point.replica {
+                    labels.push(("replica_id", replica.to_string()));
                 }
-                continue;
-            }
-            if line.starts_with('#') || line.is_empty() {
-                continue;
-            }
-            let Some((series, value)) = line.rsplit_once(' ') else {
-                continue;
-            };
-            let Ok(value) = value.parse::<f64>() else {
-                continue;
-            };
-            let (name, labels) = match series.split_once('{') {
-                Some((name, labels)) => (name, parse_labels(labels.trim_end_matches('}'))),
-                None => (series, Vec::new()),
-            };
-            let family = ["_bucket", "_sum", "_count"]
-                .iter()
-                .find_map(|suffix| {
-                    name.strip_suffix(suffix)
-                        .filter(|family| kinds.contains_key(family))
-                })
-                .unwrap_or(name);
-            let kind = kinds.get(family).copied().unwrap_or(Kind::Counter);
-            let value = if name.ends_with("_bucket") {
-                let group: String = labels
-                    .iter()
-                    .filter(|(key, _)| key != "le")
-                    .map(|(key, label)| format!("{key}={label},"))
-                    .collect();
-                let group = format!("{name}{{{group}}}");
-                let own = match &smaller_bucket {
-                    Some((previous_group, cumulative)) if *previous_group == group => {
-                        value - cumulative
+                labels.extend(point.labels.iter().cloned());
+                let name = family.name.as_str();
+                match &point.value {
+                    Value::Histogram(histogram) => {
+                        let bounds = histogram
+                            .bounds_ms
+                            .iter()
+                            .map(|bound| format!("{bound}"))
+                            .chain(["+Inf".to_string()]);
+                        for (bound, count) in bounds.zip(&histogram.buckets) {
+                            let mut labels = labels.clone();
+                            labels.push(("le", bound));
+                            lines.extend(self.line(
+                                name,
+                                "bucket",
+                                &labels,
+                                Kind::Counter,
+                                *count as f64,
+                            ));
+                        }
+                        lines.extend(self.line(
+                            name,
+                            "sum",
+                            &labels,
+                            Kind::Counter,
+                            histogram.sum_ms,
+                        ));
+                        lines.extend(self.line(
+                            name,
+                            "count",
+                            &labels,
+                            Kind::Counter,
+                            histogram.count as f64,
+                        ));
                     }
-                    _ => value,
-                };
-                smaller_bucket = Some((group, value));
-                own
-            } else {
-                value
-            };
-            if let Some(line) = self.line(series, name, family, &labels, kind, value) {
-                lines.push(line);
+                    Value::Integer(value) => {
+                        lines.extend(self.line(name, "", &labels, family.kind, *value as f64))
+                    }
+                    Value::Real(value) => {
+                        lines.extend(self.line(name, "", &labels, family.kind, *value))
+                    }
+                }
             }
         }
         pack(lines)
@@ -107,24 +93,20 @@ impl StatsdEncoder {
 
     fn line(
         &mut self,
-        series: &str,
-        name: &str,
         family: &str,
-        labels: &[(String, String)],
+        part: &str,
+        labels: &[(&str, String)],
         kind: Kind,
         value: f64,
     ) -> Option<String> {
         let mut stat = format!("{}{family}", self.prefix);
-        if let Some(part) = name
-            .strip_prefix(family)
-            .and_then(|rest| rest.strip_prefix('_'))
-        {
+        if !part.is_empty() {
             stat.push('.');
             stat.push_str(part);
         }
         let mut tags = Vec::new();
         for (key, label) in labels {
-            if key == "le" {
+            if *key == "le" {
                 stat.push_str(&format!(".le_{}", sanitise(label)));
             } else if self.tags {
                 tags.push(format!("{key}:{label}"));
@@ -132,21 +114,20 @@ impl StatsdEncoder {
                 stat.push_str(&format!(".{key}_{}", sanitise(label)));
             }
         }
-        let (value, suffix) = match kind {
-            Kind::Gauge => (value, "g"),
-            Kind::Counter => {
-                let previous = self.previous.insert(series.to_string(), value);
-                let increase = increase(value, previous);
-                if increase == 0.0 {
-                    return None;
-                }
-                (increase, "c")
-            }
-        };
         let tags = if tags.is_empty() {
             String::new()
         } else {
             format!("|#{}", tags.join(","))
+        };
+        let (value, suffix) = if kind == Kind::Gauge {
+            (value, "g")
+        } else {
+            let previous = self.previous.insert(format!("{stat}{tags}"), value);
+            let increase = increase(value, previous);
+            if increase == 0.0 {
+                return None;
+            }
+            (increase, "c")
         };
         Some(format!("{stat}:{}|{suffix}{tags}", number(value)))
     }
@@ -158,13 +139,6 @@ fn increase(value: f64, previous: Option<f64>) -> f64 {
         Some(previous) if value >= previous => value - previous,
         _ => value,
     }
-}
-
-fn parse_labels(text: &str) -> Vec<(String, String)> {
-    text.split(',')
-        .filter_map(|pair| pair.split_once('='))
-        .map(|(key, value)| (key.to_string(), value.trim_matches('"').to_string()))
-        .collect()
 }
 
 /// StatsD names allow letters, digits, `_` and `.` as a separator; a bound like `0.5` or
@@ -208,20 +182,56 @@ fn pack(lines: Vec<String>) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::{HistogramPoint, Origin, Point};
 
-    const FIRST: &str = "\
-# HELP vsr_operations_total Total operations committed
-# TYPE vsr_operations_total counter
-vsr_operations_total{replica_id=\"0\",status=\"success\"} 100
-# TYPE vsr_view_number gauge
-vsr_view_number{replica_id=\"0\"} 3
-# TYPE vsr_client_latency_ms histogram
-vsr_client_latency_ms_bucket{replica_id=\"0\",le=\"0.5\"} 10
-vsr_client_latency_ms_bucket{replica_id=\"0\",le=\"1\"} 30
-vsr_client_latency_ms_bucket{replica_id=\"0\",le=\"+Inf\"} 31
-vsr_client_latency_ms_sum{replica_id=\"0\"} 20.5
-vsr_client_latency_ms_count{replica_id=\"0\"} 31
-";
+    fn family(name: &str, kind: Kind, points: Vec<Point>) -> Family {
+        Family {
+            name: name.into(),
+            help: String::new(),
+            kind,
+            origin: Origin::Exporter,
+            points,
+        }
+    }
+
+    fn point(labels: Vec<(&'static str, String)>, value: Value) -> Point {
+        Point {
+            replica: Some(0),
+            labels,
+            value,
+        }
+    }
+
+    fn families(operations: u64) -> Vec<Family> {
+        vec![
+            family(
+                "vsr_operations_total",
+                Kind::Counter,
+                vec![point(
+                    vec![("status", "success".into())],
+                    Value::Integer(operations),
+                )],
+            ),
+            family(
+                "vsr_view_number",
+                Kind::Gauge,
+                vec![point(Vec::new(), Value::Integer(3))],
+            ),
+            family(
+                "vsr_client_latency_ms",
+                Kind::Histogram,
+                vec![point(
+                    Vec::new(),
+                    Value::Histogram(HistogramPoint {
+                        bounds_ms: vec![0.5, 1.0],
+                        buckets: vec![10, 20, 1],
+                        sum_ms: 20.5,
+                        count: 31,
+                    }),
+                )],
+            ),
+        ]
+    }
 
     fn lines(datagrams: &[String]) -> Vec<String> {
         datagrams
@@ -233,21 +243,21 @@ vsr_client_latency_ms_count{replica_id=\"0\"} 31
     #[test]
     fn counters_are_sent_as_increases_and_gauges_as_values() {
         let mut encoder = StatsdEncoder::new("", false);
-        let first = lines(&encoder.datagrams(FIRST));
+        let first = lines(&encoder.datagrams(&families(100)));
         assert!(first.contains(&"vsr_operations_total.replica_id_0.status_success:100|c".into()));
         assert!(first.contains(&"vsr_view_number.replica_id_0:3|g".into()));
-        let second = lines(&encoder.datagrams(&FIRST.replace("} 100", "} 130")));
+        let second = lines(&encoder.datagrams(&families(130)));
         assert!(second.contains(&"vsr_operations_total.replica_id_0.status_success:30|c".into()));
         assert!(second.contains(&"vsr_view_number.replica_id_0:3|g".into()));
         // Nothing changed since: no counter line at all, the gauge again.
-        let third = lines(&encoder.datagrams(&FIRST.replace("} 100", "} 130")));
+        let third = lines(&encoder.datagrams(&families(130)));
         assert_eq!(third, vec!["vsr_view_number.replica_id_0:3|g".to_string()]);
     }
 
     #[test]
     fn histogram_buckets_become_per_bucket_counts() {
         let mut encoder = StatsdEncoder::new("vsr.", false);
-        let first = lines(&encoder.datagrams(FIRST));
+        let first = lines(&encoder.datagrams(&families(100)));
         for expected in [
             "vsr.vsr_client_latency_ms.bucket.replica_id_0.le_0_5:10|c",
             "vsr.vsr_client_latency_ms.bucket.replica_id_0.le_1:20|c",
@@ -265,7 +275,7 @@ vsr_client_latency_ms_count{replica_id=\"0\"} 31
     #[test]
     fn dogstatsd_tags_carry_the_labels() {
         let mut encoder = StatsdEncoder::new("", true);
-        let first = lines(&encoder.datagrams(FIRST));
+        let first = lines(&encoder.datagrams(&families(100)));
         assert!(
             first.contains(&"vsr_operations_total:100|c|#replica_id:0,status:success".to_string())
         );
@@ -273,11 +283,18 @@ vsr_client_latency_ms_count{replica_id=\"0\"} 31
 
     #[test]
     fn datagrams_stay_under_the_mtu() {
-        let mut exposition = String::from("# TYPE vsr_view_number gauge\n");
-        for replica in 0..500 {
-            exposition.push_str(&format!("vsr_view_number{{replica_id=\"{replica}\"}} 7\n"));
-        }
-        let datagrams = StatsdEncoder::new("", false).datagrams(&exposition);
+        let points = (0..500)
+            .map(|replica| Point {
+                replica: Some(replica),
+                labels: Vec::new(),
+                value: Value::Integer(7),
+            })
+            .collect();
+        let datagrams = StatsdEncoder::new("", false).datagrams(&[family(
+            "vsr_view_number",
+            Kind::Gauge,
+            points,
+        )]);
         assert!(datagrams.len() > 1);
         assert!(datagrams.iter().all(|d| d.len() <= DATAGRAM_BYTES_MAX));
         assert_eq!(lines(&datagrams).len(), 500);
