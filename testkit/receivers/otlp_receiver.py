@@ -5,11 +5,13 @@ Serves MetricsService/Export over gRPC and POST /v1/metrics (application/x-proto
 decodes every ExportMetricsServiceRequest and appends it to --out as one JSON line:
 {"transport": "grpc"|"http", "headers": {...}, "request": <the request as protobuf JSON>}.
 --refuse N answers the first N requests with UNAVAILABLE / HTTP 503, to exercise retries.
+--tls-cert/--tls-key serve both over TLS instead.
 Prints "ready" once both ports listen.
 """
 
 import argparse
 import json
+import ssl
 import sys
 import threading
 from concurrent import futures
@@ -99,14 +101,24 @@ def main():
     parser.add_argument("--http-port", type=int, required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--refuse", type=int, default=0)
+    parser.add_argument("--tls-cert")
+    parser.add_argument("--tls-key")
     arguments = parser.parse_args()
     journal = Journal(arguments.out, arguments.refuse)
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(MetricsService(journal), server)
-    server.add_insecure_port(f"127.0.0.1:{arguments.grpc_port}")
-    server.start()
     http = ThreadingHTTPServer(("127.0.0.1", arguments.http_port), http_handler(journal))
+    if arguments.tls_cert:
+        with open(arguments.tls_key, "rb") as key, open(arguments.tls_cert, "rb") as cert:
+            credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+        server.add_secure_port(f"127.0.0.1:{arguments.grpc_port}", credentials)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(arguments.tls_cert, arguments.tls_key)
+        http.socket = context.wrap_socket(http.socket, server_side=True)
+    else:
+        server.add_insecure_port(f"127.0.0.1:{arguments.grpc_port}")
+    server.start()
     threading.Thread(target=http.serve_forever, daemon=True).start()
     print("ready", flush=True)
     try:

@@ -13,11 +13,13 @@
 //! `vsrscope`).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -32,9 +34,11 @@ use opentelemetry_proto::tonic::metrics::v1::{
 };
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use prost::Message;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 use thiserror::Error;
 use tonic::metadata::MetadataMap;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 
 use crate::metrics::{Family, Kind, Origin, Point, Value};
 
@@ -95,6 +99,7 @@ pub struct OtlpFlags {
     /// `K=V` each.
     pub headers: Vec<String>,
     pub interval: Option<Duration>,
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Where, how and how often to export, and the resource attributes every replica carries.
@@ -105,6 +110,9 @@ pub struct OtlpSettings {
     pub headers: HeaderMap,
     pub interval: Duration,
     pub timeout: Duration,
+    /// For `https://` endpoints: certificates trusted besides the system's roots, read from
+    /// the CA file (PEM) and checked when the settings are resolved.
+    pub extra_roots_pem: Option<Vec<u8>>,
     /// `service.name` first, then `OTEL_RESOURCE_ATTRIBUTES` in order.
     pub resource: Vec<(String, String)>,
 }
@@ -192,6 +200,33 @@ impl OtlpSettings {
             None => milliseconds("OTEL_EXPORTER_OTLP_TIMEOUT")?.unwrap_or(DEFAULT_TIMEOUT),
         };
 
+        let ca_file = flags
+            .ca_file
+            .clone()
+            .or_else(|| var("OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE").map(PathBuf::from))
+            .or_else(|| var("OTEL_EXPORTER_OTLP_CERTIFICATE").map(PathBuf::from));
+        let extra_roots_pem = match ca_file {
+            Some(path) => {
+                let pem = std::fs::read(&path)
+                    .map_err(|error| config(format!("OTLP CA file {}: {error}", path.display())))?;
+                certificates(&pem, &path)?;
+                Some(pem)
+            }
+            None => None,
+        };
+        for variable in [
+            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+            "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+            "OTEL_EXPORTER_OTLP_METRICS_CLIENT_CERTIFICATE",
+            "OTEL_EXPORTER_OTLP_METRICS_CLIENT_KEY",
+        ] {
+            if var(variable).is_some() {
+                return Err(config(format!(
+                    "{variable} is set, but vsrscope does not present client certificates (mTLS)"
+                )));
+            }
+        }
+
         let attributes = key_value_list(
             &var("OTEL_RESOURCE_ATTRIBUTES").unwrap_or_default(),
             "OTEL_RESOURCE_ATTRIBUTES",
@@ -217,6 +252,7 @@ impl OtlpSettings {
             headers,
             interval,
             timeout,
+            extra_roots_pem,
             resource,
         }))
     }
@@ -243,13 +279,9 @@ fn checked_url(text: &str) -> Result<String, OtlpError> {
         .parse()
         .map_err(|_| config(format!("OTLP endpoint {text:?} is not a URL")))?;
     match uri.scheme_str() {
-        Some("http") if uri.host().is_some() => Ok(text.to_string()),
-        Some("https") => Err(config(format!(
-            "OTLP endpoint {text:?}: vsrscope does not speak TLS; export to a collector on this \
-             host or network (http://) and let it forward over TLS"
-        ))),
+        Some("http" | "https") if uri.host().is_some() => Ok(text.to_string()),
         _ => Err(config(format!(
-            "OTLP endpoint {text:?}: expected http://HOST:PORT[/PATH]"
+            "OTLP endpoint {text:?}: expected http[s]://HOST:PORT[/PATH]"
         ))),
     }
 }
@@ -525,7 +557,7 @@ fn metric(family: &Family, points: &[&Point], start_unix_ns: u64, now_unix_ns: u
 
 enum Transport {
     Grpc(MetricsServiceClient<Channel>),
-    Http(Client<HttpConnector, Full<Bytes>>),
+    Http(Client<HttpsConnector<HttpConnector>, Full<Bytes>>),
 }
 
 /// Sends export requests, retrying what a receiver may accept later.
@@ -555,19 +587,49 @@ impl OtlpExporter {
     /// Connects lazily: a collector that is down at start is retried at every export. Needs a
     /// tokio runtime.
     pub fn new(settings: &OtlpSettings) -> Result<OtlpExporter, OtlpError> {
+        let extra_roots = &settings.extra_roots_pem;
         let transport = match settings.protocol {
             Protocol::Grpc => {
-                let channel = Channel::from_shared(settings.endpoint.clone())
+                let mut endpoint = Channel::from_shared(settings.endpoint.clone())
                     .map_err(|error| {
                         config(format!("OTLP endpoint {}: {error}", settings.endpoint))
                     })?
                     .connect_timeout(settings.timeout)
-                    .timeout(settings.timeout)
-                    .connect_lazy();
-                Transport::Grpc(MetricsServiceClient::new(channel))
+                    .timeout(settings.timeout);
+                if settings.endpoint.starts_with("https://") {
+                    let mut tls = ClientTlsConfig::new().with_native_roots();
+                    if let Some(pem) = extra_roots {
+                        tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+                    }
+                    endpoint = endpoint.tls_config(tls).map_err(|error| {
+                        config(format!("OTLP TLS for {}: {error}", settings.endpoint))
+                    })?;
+                }
+                Transport::Grpc(MetricsServiceClient::new(endpoint.connect_lazy()))
             }
             Protocol::HttpProtobuf => {
-                Transport::Http(Client::builder(TokioExecutor::new()).build_http())
+                let mut roots = rustls::RootCertStore::empty();
+                // Unreadable system certificates are skipped, as curl does.
+                roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+                if let Some(pem) = extra_roots {
+                    for certificate in certificates(pem, Path::new("(CA file)"))? {
+                        roots.add(certificate).map_err(|error| {
+                            config(format!("OTLP CA file: a certificate is unusable: {error}"))
+                        })?;
+                    }
+                }
+                let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+                let tls = rustls::ClientConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()
+                    .map_err(|error| config(format!("OTLP TLS: {error}")))?
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+                let connector = HttpsConnectorBuilder::new()
+                    .with_tls_config(tls)
+                    .https_or_http()
+                    .enable_http1()
+                    .build();
+                Transport::Http(Client::builder(TokioExecutor::new()).build(connector))
             }
         };
         Ok(OtlpExporter {
@@ -623,6 +685,36 @@ impl OtlpExporter {
     }
 }
 
+/// An error and every cause beneath it: transport errors say what went wrong (an untrusted
+/// certificate, a refused connection) only in their sources.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        let inner_text = inner.to_string();
+        if !text.contains(&inner_text) {
+            text.push_str(": ");
+            text.push_str(&inner_text);
+        }
+        cause = inner.source();
+    }
+    text
+}
+
+/// The certificates of a PEM CA file; an error unless it holds at least one.
+fn certificates(pem: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>, OtlpError> {
+    let path = path.display();
+    let certificates = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| config(format!("OTLP CA file {path}: {error}")))?;
+    if certificates.is_empty() {
+        return Err(config(format!(
+            "OTLP CA file {path}: no PEM certificate in it"
+        )));
+    }
+    Ok(certificates)
+}
+
 /// A receiver that took only part of a request says so in `partial_success`.
 fn rejected(response: ExportMetricsServiceResponse) -> Option<ExportMetricsPartialSuccess> {
     response
@@ -655,7 +747,7 @@ async fn grpc_attempt(
                     | Code::DataLoss
             );
             Err(AttemptError {
-                reason: format!("gRPC status {:?}: {}", status.code(), status.message()),
+                reason: format!("gRPC status {:?}: {}", status.code(), with_causes(&status)),
                 retryable,
             })
         }
@@ -663,7 +755,7 @@ async fn grpc_attempt(
 }
 
 async fn http_attempt(
-    client: &Client<HttpConnector, Full<Bytes>>,
+    client: &Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     endpoint: &str,
     request: &ExportMetricsServiceRequest,
     headers: &HeaderMap,
@@ -681,7 +773,7 @@ async fn http_attempt(
         })?;
     let exchange = async {
         let response = client.request(call).await.map_err(|error| AttemptError {
-            reason: format!("HTTP: {error}"),
+            reason: format!("HTTP: {}", with_causes(&error)),
             retryable: true,
         })?;
         let status = response.status();
@@ -750,6 +842,7 @@ mod tests {
             protocol: Some("http/protobuf".into()),
             headers: vec!["Authorization=Bearer abc".into()],
             interval: Some(Duration::from_secs(2)),
+            ca_file: None,
         };
         let settings = OtlpSettings::resolve(
             &flags,
@@ -829,9 +922,24 @@ mod tests {
             ..OtlpFlags::default()
         };
         type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
-        let cases: [Case; 6] = [
-            ("collector:4317", &[], "expected http://"),
-            ("https://collector:4317", &[], "TLS"),
+        let cases: [Case; 9] = [
+            ("collector:4317", &[], "expected http[s]://"),
+            ("ftp://collector:4317", &[], "expected http[s]://"),
+            (
+                "https://c:4317",
+                &[("OTEL_EXPORTER_OTLP_CLIENT_KEY", "key.pem")],
+                "mTLS",
+            ),
+            (
+                "https://c:4317",
+                &[("OTEL_EXPORTER_OTLP_CERTIFICATE", "/nonexistent/ca.pem")],
+                "/nonexistent/ca.pem",
+            ),
+            (
+                "https://c:4317",
+                &[("OTEL_EXPORTER_OTLP_CERTIFICATE", "/proc/version")],
+                "no PEM certificate",
+            ),
             (
                 "http://c:4317",
                 &[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")],

@@ -41,15 +41,18 @@ impl Receiver {
             refuse,
             free_address().port(),
             free_address().port(),
+            &[],
         )
     }
 
+    /// `extra`: more receiver arguments (its TLS certificate and key).
     fn start_on(
         directory: &Path,
         name: &str,
         refuse: u32,
         grpc_port: u16,
         http_port: u16,
+        extra: &[&str],
     ) -> Receiver {
         let journal = directory.join(format!("{name}.jsonl"));
         let script =
@@ -59,6 +62,9 @@ impl Receiver {
             .args(["--grpc-port", &grpc_port.to_string()])
             .args(["--http-port", &http_port.to_string()])
             .args(["--refuse", &refuse.to_string()])
+            .args(extra)
+            // grpcio logs every failed TLS handshake (the untrusted case) at INFO.
+            .env("GRPC_VERBOSITY", "ERROR")
             .arg("--out")
             .arg(&journal)
             .stdout(Stdio::piped())
@@ -542,7 +548,7 @@ fn a_receiver_that_restarts_or_refuses_loses_nothing_cumulative() {
         },
     );
     // It comes back refusing its first two requests (UNAVAILABLE/503): vsrscope retries.
-    let receiver = Receiver::start_on(&cluster.directory.0, "after", 2, grpc_port, http_port);
+    let receiver = Receiver::start_on(&cluster.directory.0, "after", 2, grpc_port, http_port, &[]);
     let bench = testkit::BenchResult::from_child(bench);
     assert!(bench.status.success(), "{}", bench.stderr);
     wait_for_operations(
@@ -559,20 +565,172 @@ fn a_receiver_that_restarts_or_refuses_loses_nothing_cumulative() {
 }
 
 #[test]
+fn tls_endpoints_with_a_trusted_certificate_and_refusal_without() {
+    let cluster = Cluster::start("otlp-tls", 3, &["--snapshot-interval-ms", "100"]);
+    cluster.wait_for_log(0, "Normal in view 0", Duration::from_secs(5));
+    let directory = &cluster.directory.0;
+    // A private CA and a server certificate it signed, as an operator's collector would have.
+    let path = |name: &str| directory.join(name).to_str().unwrap().to_string();
+    let (authority, certificate, key) = (path("ca.pem"), path("cert.pem"), path("key.pem"));
+    std::fs::write(
+        directory.join("leaf.ext"),
+        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    let openssl_steps: [&[&str]; 3] = [
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=vsrscope-test-ca",
+            "-keyout",
+            &path("ca.key"),
+            "-out",
+            &authority,
+        ],
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            &key,
+            "-out",
+            &path("leaf.csr"),
+        ],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &path("leaf.csr"),
+            "-CA",
+            &authority,
+            "-CAkey",
+            &path("ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            &path("leaf.ext"),
+            "-out",
+            &certificate,
+        ],
+    ];
+    for step in openssl_steps {
+        let openssl = Command::new("openssl").args(step).output().unwrap();
+        assert!(
+            openssl.status.success(),
+            "openssl {step:?}: {}",
+            String::from_utf8_lossy(&openssl.stderr)
+        );
+    }
+    let receiver = Receiver::start_on(
+        directory,
+        "tls",
+        0,
+        free_address().port(),
+        free_address().port(),
+        &["--tls-cert", &certificate, "--tls-key", &key],
+    );
+    let binary = cluster.binary.to_str().unwrap().to_string();
+    let grpc = format!("https://localhost:{}", receiver.grpc_port);
+    let http = format!("https://localhost:{}", receiver.http_port);
+    let trusted = |endpoint: &str, protocol: &str, service: &str| {
+        Serve::start_with_environment(
+            directory,
+            &[
+                "--binary",
+                &binary,
+                "--otlp-endpoint",
+                endpoint,
+                "--otlp-protocol",
+                protocol,
+                "--otlp-interval-s",
+                "1",
+            ],
+            &[
+                ("OTEL_EXPORTER_OTLP_CERTIFICATE", &authority),
+                ("OTEL_SERVICE_NAME", service),
+            ],
+        )
+    };
+    let _over_grpc = trusted(&grpc, "grpc", "tls-grpc");
+    let _over_http = trusted(&http, "http/protobuf", "tls-http");
+    // Without the CA file, the private CA is not trusted: exports fail and are counted.
+    let untrusted = Serve::start(
+        directory,
+        &[
+            "--binary",
+            &binary,
+            "--otlp-endpoint",
+            &http,
+            "--otlp-protocol",
+            "http/protobuf",
+            "--otlp-interval-s",
+            "1",
+        ],
+    );
+    let bench = cluster.bench(&["--duration-s", "2", "--clients", "16"]);
+    assert!(bench.status.success(), "{}", bench.stderr);
+    for service in ["tls-grpc", "tls-http"] {
+        wait_for_operations(
+            &receiver,
+            service,
+            bench.acknowledged,
+            Duration::from_secs(20),
+        );
+    }
+    wait_until(
+        "the untrusted exports to be counted as failed",
+        Duration::from_secs(20),
+        || {
+            untrusted
+                .scrape()
+                .get("vsrscope_push_failures_total{exporter=\"otlp\"}")
+                >= 1.0
+        },
+    );
+    assert!(
+        untrusted.log().contains("certificate"),
+        "{}",
+        untrusted.log()
+    );
+    assert!(
+        receiver
+            .received()
+            .resources
+            .keys()
+            .all(|(service, _)| service != "vsr-replica")
+    );
+}
+
+#[test]
 fn bad_export_settings_are_refused_before_attaching() {
     let endpoint = ["--otlp-endpoint", "http://c:4317"];
     /// Arguments, environment, and what the error must say.
     type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
     let cases: Vec<Case> = vec![
         (
-            vec!["--otlp-endpoint", "https://collector:4317"],
+            vec![
+                "--otlp-endpoint",
+                "https://c:4317",
+                "--otlp-ca-file",
+                "/nonexistent.pem",
+            ],
             vec![],
-            "TLS",
+            "OTLP CA file /nonexistent.pem",
         ),
         (
             vec!["--otlp-endpoint", "collector:4317"],
             vec![],
-            "expected http://HOST:PORT",
+            "expected http[s]://HOST:PORT",
         ),
         (
             [&endpoint[..], &["--otlp-protocol", "http/json"]].concat(),

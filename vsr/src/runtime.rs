@@ -22,7 +22,11 @@ use crate::transport::{FrameError, read_frame, spawn_writer};
 const TICK: Duration = Duration::from_millis(10);
 /// Inputs handled before the next group commit; bounds the latency one flush adds.
 const EVENTS_PER_FLUSH_MAX: usize = 4096;
-const RECONNECT_DELAY: Duration = Duration::from_millis(100);
+/// Waits between attempts to reach a peer double from the first to the most: a peer that starts
+/// a few milliseconds after us (a whole cluster starting) is reached in milliseconds, while
+/// one that is down costs at most ten attempts a second.
+const RECONNECT_DELAY_FIRST: Duration = Duration::from_millis(2);
+const RECONNECT_DELAY_MAX: Duration = Duration::from_millis(100);
 
 enum Event {
     Message {
@@ -224,14 +228,17 @@ async fn serve_connection(
 
 /// Keeps one outbound connection to a peer, reconnecting after it restarts.
 async fn connect_loop(peer: u8, address: SocketAddr, events: mpsc::Sender<Event>) {
+    let mut delay = RECONNECT_DELAY_FIRST;
     loop {
         let stream = match TcpStream::connect(address).await {
             Ok(stream) => stream,
             Err(_) => {
-                tokio::time::sleep(RECONNECT_DELAY).await;
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(RECONNECT_DELAY_MAX);
                 continue;
             }
         };
+        delay = RECONNECT_DELAY_FIRST;
         let _ = stream.set_nodelay(true);
         let (mut reader, writer) = stream.into_split();
         let writer = spawn_writer(writer);
@@ -257,7 +264,6 @@ async fn connect_loop(peer: u8, address: SocketAddr, events: mpsc::Sender<Event>
         {
             return;
         }
-        tokio::time::sleep(RECONNECT_DELAY).await;
     }
 }
 
