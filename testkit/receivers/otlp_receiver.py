@@ -10,6 +10,7 @@ Prints "ready" once both ports listen.
 """
 
 import argparse
+import gzip
 import json
 import ssl
 import sys
@@ -75,6 +76,8 @@ def http_handler(journal):
             if journal.should_refuse():
                 self.send_error(503, "refusing on purpose (--refuse)")
                 return
+            if self.headers.get("Content-Encoding") == "gzip":
+                body = gzip.decompress(body)
             request = metrics_service_pb2.ExportMetricsServiceRequest()
             try:
                 request.ParseFromString(body)

@@ -75,6 +75,9 @@ struct OtlpArgs {
     /// OTEL_EXPORTER_OTLP_HEADERS).
     #[arg(long = "otlp-header", value_name = "K=V")]
     otlp_headers: Vec<String>,
+    /// none (default) or gzip (or OTEL_EXPORTER_OTLP_COMPRESSION).
+    #[arg(long, value_name = "none|gzip")]
+    otlp_compression: Option<String>,
     /// For https:// endpoints: PEM certificates to trust besides the system's (or
     /// OTEL_EXPORTER_OTLP_CERTIFICATE).
     #[arg(long, value_name = "PATH")]
@@ -173,6 +176,7 @@ fn main() -> ExitCode {
                 protocol: otlp.otlp_protocol,
                 headers: otlp.otlp_headers,
                 interval: otlp.otlp_interval_s.map(Duration::from_secs),
+                compression: otlp.otlp_compression,
                 ca_file: otlp.otlp_ca_file,
             };
             let otlp = OtlpSettings::resolve(&flags, |name| std::env::var(name).ok())?;

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use http::header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use http_body_util::{BodyExt, Full};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
@@ -99,6 +99,8 @@ pub struct OtlpFlags {
     /// `K=V` each.
     pub headers: Vec<String>,
     pub interval: Option<Duration>,
+    /// `none` or `gzip`.
+    pub compression: Option<String>,
     pub ca_file: Option<PathBuf>,
 }
 
@@ -107,6 +109,8 @@ pub struct OtlpFlags {
 pub struct OtlpSettings {
     pub endpoint: String,
     pub protocol: Protocol,
+    /// Send request bodies gzip-compressed.
+    pub gzip: bool,
     pub headers: HeaderMap,
     pub interval: Duration,
     pub timeout: Duration,
@@ -132,6 +136,22 @@ impl OtlpSettings {
         {
             Some(text) => Protocol::parse(&text)?,
             None => Protocol::Grpc,
+        };
+        let gzip = match flags
+            .compression
+            .clone()
+            .or_else(|| var("OTEL_EXPORTER_OTLP_METRICS_COMPRESSION"))
+            .or_else(|| var("OTEL_EXPORTER_OTLP_COMPRESSION"))
+            .as_deref()
+            .map(str::trim)
+        {
+            None | Some("none") => false,
+            Some("gzip") => true,
+            Some(other) => {
+                return Err(config(format!(
+                    "OTLP compression {other:?}: vsrscope sends gzip or none"
+                )));
+            }
         };
         let endpoint = if let Some(endpoint) = &flags.endpoint {
             given_endpoint(endpoint, protocol)?
@@ -249,6 +269,7 @@ impl OtlpSettings {
         Ok(Some(OtlpSettings {
             endpoint,
             protocol,
+            gzip,
             headers,
             interval,
             timeout,
@@ -564,6 +585,7 @@ enum Transport {
 pub struct OtlpExporter {
     endpoint: String,
     headers: HeaderMap,
+    gzip: bool,
     timeout: Duration,
     transport: Transport,
 }
@@ -605,7 +627,11 @@ impl OtlpExporter {
                         config(format!("OTLP TLS for {}: {error}", settings.endpoint))
                     })?;
                 }
-                Transport::Grpc(MetricsServiceClient::new(endpoint.connect_lazy()))
+                let mut client = MetricsServiceClient::new(endpoint.connect_lazy());
+                if settings.gzip {
+                    client = client.send_compressed(tonic::codec::CompressionEncoding::Gzip);
+                }
+                Transport::Grpc(client)
             }
             Protocol::HttpProtobuf => {
                 let mut roots = rustls::RootCertStore::empty();
@@ -632,9 +658,14 @@ impl OtlpExporter {
                 Transport::Http(Client::builder(TokioExecutor::new()).build(connector))
             }
         };
+        let mut headers = settings.headers.clone();
+        if settings.gzip && settings.protocol == Protocol::HttpProtobuf {
+            headers.insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        }
         Ok(OtlpExporter {
             endpoint: settings.endpoint.clone(),
-            headers: settings.headers.clone(),
+            headers,
+            gzip: settings.gzip,
             timeout: settings.timeout,
             transport,
         })
@@ -650,6 +681,10 @@ impl OtlpExporter {
     ) -> Result<(), OtlpError> {
         let mut backoff = RETRY_BACKOFF_INITIAL;
         let mut attempts = 0;
+        // HTTP bodies are encoded once per export; gRPC encodes (and compresses) per call.
+        let http_body = matches!(self.transport, Transport::Http(_))
+            .then(|| http_body(request, self.gzip))
+            .transpose()?;
         loop {
             attempts += 1;
             let outcome = match &mut self.transport {
@@ -657,7 +692,8 @@ impl OtlpExporter {
                     grpc_attempt(client, request, &self.headers, self.timeout).await
                 }
                 Transport::Http(client) => {
-                    http_attempt(client, &self.endpoint, request, &self.headers, self.timeout).await
+                    let body = http_body.clone().unwrap_or_default();
+                    http_attempt(client, &self.endpoint, body, &self.headers, self.timeout).await
                 }
             };
             let error = match outcome {
@@ -754,10 +790,26 @@ async fn grpc_attempt(
     }
 }
 
+/// The protobuf body of an HTTP export, gzip-compressed if asked.
+fn http_body(request: &ExportMetricsServiceRequest, gzip: bool) -> Result<Bytes, OtlpError> {
+    let encoded = request.encode_to_vec();
+    if !gzip {
+        return Ok(Bytes::from(encoded));
+    }
+    let mut encoder = flate2::write::GzEncoder::new(
+        Vec::with_capacity(encoded.len() / 4),
+        flate2::Compression::fast(),
+    );
+    std::io::Write::write_all(&mut encoder, &encoded)
+        .and_then(|()| encoder.finish())
+        .map(Bytes::from)
+        .map_err(|error| config(format!("gzip: {error}")))
+}
+
 async fn http_attempt(
     client: &Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     endpoint: &str,
-    request: &ExportMetricsServiceRequest,
+    body: Bytes,
     headers: &HeaderMap,
     timeout: Duration,
 ) -> Result<Option<ExportMetricsPartialSuccess>, AttemptError> {
@@ -766,7 +818,7 @@ async fn http_attempt(
         builder = builder.header(name, value);
     }
     let call = builder
-        .body(Full::new(Bytes::from(request.encode_to_vec())))
+        .body(Full::new(body))
         .map_err(|error| AttemptError {
             reason: format!("building the request: {error}"),
             retryable: false,
@@ -842,6 +894,7 @@ mod tests {
             protocol: Some("http/protobuf".into()),
             headers: vec!["Authorization=Bearer abc".into()],
             interval: Some(Duration::from_secs(2)),
+            compression: None,
             ca_file: None,
         };
         let settings = OtlpSettings::resolve(
@@ -922,13 +975,18 @@ mod tests {
             ..OtlpFlags::default()
         };
         type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
-        let cases: [Case; 9] = [
+        let cases: [Case; 10] = [
             ("collector:4317", &[], "expected http[s]://"),
             ("ftp://collector:4317", &[], "expected http[s]://"),
             (
                 "https://c:4317",
                 &[("OTEL_EXPORTER_OTLP_CLIENT_KEY", "key.pem")],
                 "mTLS",
+            ),
+            (
+                "http://c:4317",
+                &[("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd")],
+                "gzip or none",
             ),
             (
                 "https://c:4317",

@@ -464,6 +464,7 @@ fn rotel_receives_over_grpc_and_http_from_flags_and_environment() {
                 "OTEL_RESOURCE_ATTRIBUTES",
                 "deployment.environment=test,team=storage%20core",
             ),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
         ],
     );
     let bench = cluster.bench(&["--duration-s", "3", "--clients", "16"]);
@@ -523,6 +524,8 @@ fn a_receiver_that_restarts_or_refuses_loses_nothing_cumulative() {
             &format!("http://127.0.0.1:{http_port}"),
             "--otlp-protocol",
             "http/protobuf",
+            "--otlp-compression",
+            "gzip",
             "--otlp-interval-s",
             "1",
         ],
@@ -561,6 +564,12 @@ fn a_receiver_that_restarts_or_refuses_loses_nothing_cumulative() {
     assert_eq!(
         metrics.get("vsr_operations_total{replica_id=\"0\",status=\"success\"}"),
         bench.acknowledged as f64
+    );
+    assert!(
+        receiver
+            .requests()
+            .iter()
+            .all(|request| request["headers"]["content-encoding"] == "gzip")
     );
 }
 
