@@ -5,7 +5,8 @@ Serves MetricsService/Export over gRPC and POST /v1/metrics (application/x-proto
 decodes every ExportMetricsServiceRequest and appends it to --out as one JSON line:
 {"transport": "grpc"|"http", "headers": {...}, "request": <the request as protobuf JSON>}.
 --refuse N answers the first N requests with UNAVAILABLE / HTTP 503, to exercise retries.
---tls-cert/--tls-key serve both over TLS instead.
+--tls-cert/--tls-key serve both over TLS instead. --delay-ms N answers every request N ms late
+(a slow collector).
 Prints "ready" once both ports listen.
 """
 
@@ -15,6 +16,7 @@ import json
 import ssl
 import sys
 import threading
+import time
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -26,12 +28,14 @@ from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metric
 class Journal:
     """Appends decoded requests; counts requests to refuse."""
 
-    def __init__(self, path, refuse):
+    def __init__(self, path, refuse, delay_ms):
         self.lock = threading.Lock()
         self.file = open(path, "a", encoding="utf-8")
         self.refuse = refuse
+        self.delay_ms = delay_ms
 
     def should_refuse(self):
+        time.sleep(self.delay_ms / 1000)
         with self.lock:
             if self.refuse > 0:
                 self.refuse -= 1
@@ -104,10 +108,11 @@ def main():
     parser.add_argument("--http-port", type=int, required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--refuse", type=int, default=0)
+    parser.add_argument("--delay-ms", type=int, default=0)
     parser.add_argument("--tls-cert")
     parser.add_argument("--tls-key")
     arguments = parser.parse_args()
-    journal = Journal(arguments.out, arguments.refuse)
+    journal = Journal(arguments.out, arguments.refuse, arguments.delay_ms)
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(MetricsService(journal), server)

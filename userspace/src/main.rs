@@ -578,7 +578,18 @@ fn serve(targets: &Targets, options: ServeOptions) -> anyhow::Result<()> {
         let (shutdown, shutdown_seen) = tokio::sync::watch::channel(false);
         let mut pushers = Vec::new();
         if let Some(statsd) = statsd {
-            let socket = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
+            let local = if statsd.address.is_ipv6() {
+                "[::]:0"
+            } else {
+                "0.0.0.0:0"
+            };
+            let socket = tokio::net::UdpSocket::bind(local).await?;
+            // Connected, so the kernel reports an ICMP "port unreachable" as a failed send, which
+            // an unconnected socket never sees.
+            socket
+                .connect(statsd.address)
+                .await
+                .with_context(|| format!("StatsD address {}", statsd.address))?;
             eprintln!(
                 "vsrscope: pushing to StatsD at {} every {:?}",
                 statsd.address, statsd.interval
@@ -728,7 +739,7 @@ async fn push_statsd(
         };
         let mut failure = None;
         for datagram in datagrams {
-            if let Err(error) = socket.send_to(datagram.as_bytes(), statsd.address).await {
+            if let Err(error) = socket.send(datagram.as_bytes()).await {
                 failure = Some(format!("sending to {}: {error}", statsd.address));
             }
         }

@@ -574,6 +574,49 @@ fn a_receiver_that_restarts_or_refuses_loses_nothing_cumulative() {
 }
 
 #[test]
+fn a_slow_receiver_times_out_without_stalling_metrics() {
+    let directory = testkit::TestDirectory::new("otlp-slow");
+    let receiver = Receiver::start_on(
+        &directory.0,
+        "slow",
+        0,
+        free_address().port(),
+        free_address().port(),
+        &["--delay-ms", "3000"],
+    );
+    let endpoint = format!("http://127.0.0.1:{}", receiver.grpc_port);
+    // No replica runs: vsrscope exports its own metrics only, which is enough to export.
+    let serve = Serve::start_with_environment(
+        &directory.0,
+        &[
+            "--binary",
+            testkit::replica_binary().to_str().unwrap(),
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-interval-s",
+            "1",
+        ],
+        &[("OTEL_EXPORTER_OTLP_TIMEOUT", "300")],
+    );
+    // Every scrape in the loop is answered while exports keep timing out.
+    wait_until(
+        "timed-out exports to be counted",
+        Duration::from_secs(30),
+        || {
+            serve
+                .scrape()
+                .value("vsrscope_push_failures_total{exporter=\"otlp\"}")
+                .is_some_and(|failures| failures >= 3.0)
+        },
+    );
+    assert!(
+        serve.log().contains("DeadlineExceeded") || serve.log().contains("Cancelled"),
+        "{}",
+        serve.log()
+    );
+}
+
+#[test]
 fn tls_endpoints_with_a_trusted_certificate_and_refusal_without() {
     let cluster = Cluster::start("otlp-tls", 3, &["--snapshot-interval-ms", "100"]);
     cluster.wait_for_log(0, "Normal in view 0", Duration::from_secs(5));

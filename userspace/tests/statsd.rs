@@ -139,3 +139,40 @@ fn statsd_receives_increases_that_sum_to_ground_truth() {
     assert_eq!(gauges.get("vsr_cluster_size.replica_id_1"), Some(&3.0));
     assert!(gauges["vsr_memory_used_bytes.replica_id_2"] > 0.0);
 }
+
+#[test]
+fn sends_to_a_port_nobody_listens_on_are_counted_as_failures() {
+    let directory = testkit::TestDirectory::new("statsd-unreachable");
+    // A UDP port with no listener (the socket that found it is closed at once): the kernel
+    // answers every datagram with ICMP port unreachable.
+    let nobody = {
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let serve = Serve::start(
+        &directory.0,
+        &[
+            "--binary",
+            testkit::replica_binary().to_str().unwrap(),
+            "--statsd",
+            &nobody.to_string(),
+            "--statsd-interval-s",
+            "1",
+        ],
+    );
+    wait_until(
+        "failed StatsD flushes to be counted",
+        Duration::from_secs(20),
+        || {
+            serve
+                .scrape()
+                .value("vsrscope_push_failures_total{exporter=\"statsd\"}")
+                .is_some_and(|failures| failures >= 2.0)
+        },
+    );
+    assert!(
+        serve.log().contains("statsd push failed"),
+        "{}",
+        serve.log()
+    );
+}
