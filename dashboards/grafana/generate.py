@@ -182,6 +182,9 @@ DASHBOARDS = {
             ("sum by (cause) (increase(vsrscope_lost_events_total[$__rate_interval]))", "lost {{cause}}"),
             ("increase(vsrscope_map_read_errors_total[$__rate_interval])", "map read errors"))),
         timeseries("Scrape duration", targets(("vsrscope_scrape_duration_seconds", "scrape")), unit="s"),
+        timeseries("Pushes and failed pushes (OTLP, StatsD)", targets(
+            ("sum by (exporter) (rate(vsrscope_pushes_total[$__rate_interval]))", "pushes {{exporter}}"),
+            ("sum by (exporter) (increase(vsrscope_push_failures_total[$__rate_interval]))", "failed {{exporter}}"))),
     ]),
 }
 
