@@ -180,6 +180,13 @@ fn main() -> ExitCode {
                 ca_file: otlp.otlp_ca_file,
             };
             let otlp = OtlpSettings::resolve(&flags, |name| std::env::var(name).ok())?;
+            // Pushes do not count as demand: with --on-demand they would carry totals frozen at
+            // the last scrape, or nothing at all before the first.
+            anyhow::ensure!(
+                !(on_demand && (otlp.is_some() || statsd.statsd.is_some())),
+                "--on-demand attaches only while /metrics is scraped; it cannot be combined with \
+                 pushing to OTLP or StatsD"
+            );
             let options = ServeOptions {
                 listen,
                 window: Duration::from_secs(quantile_window_s),

@@ -808,6 +808,16 @@ fn bad_export_settings_are_refused_before_attaching() {
             "OTEL_METRIC_EXPORT_INTERVAL",
         ),
         (
+            vec!["--on-demand", "--statsd", "127.0.0.1:8125"],
+            vec![],
+            "cannot be combined with pushing",
+        ),
+        (
+            vec!["--on-demand"],
+            vec![("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317")],
+            "cannot be combined with pushing",
+        ),
+        (
             vec!["--statsd", "127.0.0.1:8125", "--statsd-interval-s", "0"],
             vec![],
             "--statsd-interval-s must be at least 1",
