@@ -374,10 +374,8 @@ fn sample_process(
     journal_writes: u64,
     network_bytes: u64,
 ) -> Option<(ProcessSample, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let cpu_ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let fields = process::stat_fields(pid).ok()?;
+    let cpu_ticks = fields.get(11)? + fields.get(12)?;
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
     let resident_pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;

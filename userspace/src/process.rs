@@ -90,17 +90,30 @@ pub fn find_by_executable(path: &std::path::Path) -> Vec<u32> {
     processes(|executable| executable == path)
 }
 
+/// The numeric fields of /proc/PID/stat after the parenthesised command name (which may itself
+/// hold spaces and parentheses), as `u64`s: index 11 is utime, 12 stime, 19 starttime.
+pub fn stat_fields(pid: u32) -> Result<Vec<u64>, ProcessError> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|_| ProcessError::NoSuchProcess(pid))?;
+    let (_, fields) = stat
+        .rsplit_once(')')
+        .ok_or_else(|| ProcessError::Unreadable {
+            pid,
+            reason: "malformed /proc/PID/stat".into(),
+        })?;
+    // The state letter (index 0) is not a number; keep the positions, with 0 in its place.
+    Ok(fields
+        .split_whitespace()
+        .map(|field| field.parse().unwrap_or(0))
+        .collect())
+}
+
 /// When a process started, in nanoseconds since the Unix epoch (to the kernel's clock tick).
 pub fn start_time_unix_ns(pid: u32) -> Result<u64, ProcessError> {
     let unreadable = |reason: String| ProcessError::Unreadable { pid, reason };
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map_err(|_| ProcessError::NoSuchProcess(pid))?;
-    // Fields after the parenthesised command name; starttime (ticks after boot) is the 20th.
-    let start_ticks: u64 = stat
-        .rsplit_once(')')
-        .and_then(|(_, fields)| fields.split_whitespace().nth(19))
-        .and_then(|field| field.parse().ok())
-        .ok_or_else(|| unreadable("malformed /proc/PID/stat".into()))?;
+    let start_ticks = *stat_fields(pid)?
+        .get(19)
+        .ok_or_else(|| unreadable("/proc/PID/stat has no starttime".into()))?;
     let boot_seconds: u64 = std::fs::read_to_string("/proc/stat")
         .map_err(|error| unreadable(format!("/proc/stat: {error}")))?
         .lines()
@@ -110,4 +123,31 @@ pub fn start_time_unix_ns(pid: u32) -> Result<u64, ProcessError> {
     // SAFETY: sysconf has no preconditions.
     let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Ok(boot_seconds * 1_000_000_000 + start_ticks * (1_000_000_000 / ticks_per_second))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_started_before_now() {
+        let now_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        let started_ns = start_time_unix_ns(std::process::id()).unwrap();
+        assert!(started_ns <= now_ns, "{started_ns} after {now_ns}");
+        assert!(
+            now_ns - started_ns < 3_600 * 1_000_000_000,
+            "started an hour ago?"
+        );
+        // Fields after the command name: state, ppid, … starttime at index 19 and beyond.
+        let fields = stat_fields(std::process::id()).unwrap();
+        assert!(fields.len() > 19, "{fields:?}");
+        assert_eq!(fields[1], u64::from(std::os::unix::process::parent_id()));
+        assert!(matches!(
+            stat_fields(0),
+            Err(ProcessError::NoSuchProcess(0))
+        ));
+    }
 }
