@@ -16,9 +16,8 @@ use crate::client::{Client, ReplyOutcome};
 use crate::client_table::{ClientTable, Lookup};
 use crate::kv::{KvStore, Operation};
 use crate::message::{Message, REGISTER_REQUEST_NUMBER, decode_batch};
-use crate::replica::{Config, Destination, Outgoing, Replica, Source};
+use crate::replica::{Config, Destination, Outgoing, Replica, Source, Status};
 use crate::storage::{Storage, Zone};
-use vsr_probes::ReplicaStatus;
 
 /// SplitMix64: tiny, fast, and good enough to drive fault injection.
 #[derive(Debug, Clone)]
@@ -315,7 +314,7 @@ impl Simulator {
             .iter()
             .filter(|node| match node {
                 Node::Down { .. } => true,
-                Node::Up(replica) => replica.status() == ReplicaStatus::Recovering,
+                Node::Up(replica) => replica.status() == Status::Recovering,
             })
             .count();
         unavailable + self.partitioned.iter().count()

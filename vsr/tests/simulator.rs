@@ -40,7 +40,7 @@ fn seeded_sweep_keeps_acknowledged_writes_and_agrees() {
             let count: u64 = std::env::var("VSR_SIM_SEEDS")
                 .ok()
                 .and_then(|n| n.parse().ok())
-                .unwrap_or(200);
+                .unwrap_or(1000);
             (0..count).collect()
         }
     };

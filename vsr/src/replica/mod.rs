@@ -1,0 +1,479 @@
+//! The replica: Viewstamped Replication (Liskov & Cowling, "VR Revisited") as a deterministic
+//! state machine. Every input is an `on_<message>` or `on_<timeout>` call with the current time;
+//! every output is a frame in `outbox`, released by `flush` only after the journal and the
+//! superblock are durable, so a PrepareOk or a vote never leaves before what it promises is on
+//! disk. Time, network and storage are injected: the simulator and the TCP runtime drive the
+//! same code.
+//!
+//! Beyond the paper, entries form a hash chain (`parent` is the previous entry's checksum), so a
+//! replica that lacks entries fetches them from any peer and verifies each one against the next
+//! trusted entry: this one mechanism serves lagging backups, view changes that ship only a
+//! suffix, recovery, and corrupt journal records.
+
+//!
+//! One file per protocol phase: `normal` (requests, prepares, commits), `view_change`,
+//! `recovery` (opening the data directory and the paper's recovery protocol), `repair` (the hash
+//! chain and fetching missing entries) and `snapshot` (the state published to tracers). Each
+//! phase keeps its state in its own struct.
+
+mod normal;
+mod recovery;
+mod repair;
+mod snapshot;
+mod view_change;
+
+use std::io;
+
+use bytes::Bytes;
+use vsr_probes as probe;
+use vsr_probes::{
+    Command, PEER_CLIENT, RejectReason, ReplicaSnapshot, ReplicaStatus, ViewChangeReason,
+};
+
+use crate::client_table::ClientTable;
+use crate::journal::Journal;
+use crate::kv::KvStore;
+use crate::message::{Entry, Header, Message, SENDER_CLIENT};
+use crate::storage::Storage;
+use crate::superblock::{self, SuperblockError, SuperblockState};
+
+use normal::Pipeline;
+use recovery::RecoveryState;
+use repair::RepairState;
+use view_change::ViewChangeState;
+
+pub const REPLICAS_MAX: u8 = 8;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub cluster: u64,
+    pub replica: u8,
+    pub replica_count: u8,
+    /// The primary sends a Commit heartbeat when it has sent nothing else for this long.
+    pub heartbeat_interval_ns: u64,
+    /// A backup suspects the primary after this much silence; a view change that has not
+    /// finished after this long moves on to the next view.
+    pub view_change_timeout_ns: u64,
+    /// Resend a Prepare, a Recovery or a repair request not answered within this time.
+    pub retry_interval_ns: u64,
+    /// How often the `state_snapshot` probe fires and the superblock's commit is persisted.
+    pub snapshot_interval_ns: u64,
+    /// Uncommitted ops the primary keeps in flight.
+    pub pipeline_max: u64,
+    /// Largest batch of client requests in one op.
+    pub batch_bytes_max: usize,
+    pub request_queue_max: usize,
+    pub client_sessions_max: usize,
+    /// Missing entries requested at once while repairing.
+    pub repair_window: u64,
+    /// Entries shipped at most in one DoViewChange, StartView or RecoveryResponse; anything
+    /// older is repaired through the hash chain.
+    pub suffix_max: u64,
+    /// Different in every process that opens this replica (the runtime takes it from the wall
+    /// clock and pid): recovery nonces must not repeat across restarts, and `now_ns` starts
+    /// at 0 in every process.
+    pub nonce_entropy: u64,
+}
+
+impl Config {
+    pub fn new(cluster: u64, replica: u8, replica_count: u8) -> Config {
+        Config {
+            cluster,
+            replica,
+            replica_count,
+            heartbeat_interval_ns: 50_000_000,
+            view_change_timeout_ns: 500_000_000,
+            retry_interval_ns: 100_000_000,
+            snapshot_interval_ns: 500_000_000,
+            pipeline_max: 16,
+            batch_bytes_max: 256 * 1024,
+            request_queue_max: 64 * 1024,
+            client_sessions_max: 16 * 1024,
+            repair_window: 64,
+            suffix_max: 64,
+            nonce_entropy: 0,
+        }
+    }
+
+    pub fn quorum(&self) -> usize {
+        self.replica_count as usize / 2 + 1
+    }
+
+    fn primary_of(&self, view: u64) -> u8 {
+        (view % u64::from(self.replica_count)) as u8
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Superblock(#[from] SuperblockError),
+    #[error("journal: {0}")]
+    Journal(#[from] io::Error),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Destination {
+    Replica(u8),
+    /// A client connection, as numbered by the transport.
+    Client(u64),
+}
+
+/// Where a message came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Replica(u8),
+    Client(u64),
+}
+
+impl Source {
+    fn peer_code(self) -> u8 {
+        match self {
+            Source::Replica(replica) => replica,
+            Source::Client(_) => PEER_CLIENT,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub destination: Destination,
+    pub frame: Bytes,
+}
+
+/// The replica's protocol status. Tracers see it as a `ReplicaStatus` code, mapped only where
+/// the snapshot is published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Normal,
+    ViewChange,
+    /// Must not vote until a quorum has told it the current view and log.
+    Recovering,
+}
+
+impl Status {
+    pub fn probe_code(self) -> ReplicaStatus {
+        match self {
+            Status::Normal => ReplicaStatus::Normal,
+            Status::ViewChange => ReplicaStatus::ViewChange,
+            Status::Recovering => ReplicaStatus::Recovering,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Replica<S: Storage> {
+    config: Config,
+    storage: S,
+    journal: Journal,
+    superblock: SuperblockState,
+    superblock_dirty: bool,
+
+    status: Status,
+    view: u64,
+    /// The last view in which this replica was in normal status.
+    log_view: u64,
+    /// Highest op in the log (the head of the hash chain).
+    op: u64,
+    head_checksum: u64,
+    /// Highest op executed here; every op up to it is committed.
+    commit: u64,
+    /// Highest op this replica knows to be committed anywhere in the cluster.
+    commit_max: u64,
+    /// Verified entries above `commit`: they chain to the head.
+    entries: std::collections::BTreeMap<u64, Entry>,
+    /// Entries above `commit` not (yet) verified against the chain: from the local journal
+    /// after a restart, or from repair responses that arrived out of order.
+    candidates: std::collections::BTreeMap<u64, Entry>,
+    /// `entries` holds every op in `(chain_low, op]`.
+    chain_low: u64,
+
+    kv: KvStore,
+    client_table: ClientTable,
+
+    pipeline: Pipeline,
+    /// When the primary last sent backups anything; a heartbeat is due after an interval of silence.
+    last_sent_to_backups_ns: u64,
+    /// When a backup last heard its primary; a view change is due after a timeout of silence.
+    last_heard_primary_ns: u64,
+    view_change: ViewChangeState,
+    recovery: RecoveryState,
+    repair: RepairState,
+
+    snapshot: ReplicaSnapshot,
+    next_snapshot_ns: u64,
+    reply_latencies_ns: Vec<u64>,
+    outbox: Vec<Outgoing>,
+}
+
+impl<S: Storage> Replica<S> {
+    pub fn replica_id(&self) -> u8 {
+        self.config.replica
+    }
+
+    pub fn status(&self) -> Status {
+        self.status
+    }
+
+    pub fn view(&self) -> u64 {
+        self.view
+    }
+
+    pub fn op(&self) -> u64 {
+        self.op
+    }
+
+    pub fn commit(&self) -> u64 {
+        self.commit
+    }
+
+    pub fn is_primary(&self) -> bool {
+        self.status == Status::Normal && self.config.primary_of(self.view) == self.config.replica
+    }
+
+    /// Protocol state in one line, for simulator failures and logs.
+    pub fn describe(&self) -> String {
+        format!(
+            "{:?} view {} log_view {} op {} commit {} commit_max {} chain_low {} entries {:?}..{:?} candidates {} repairs {:?}",
+            self.status,
+            self.view,
+            self.log_view,
+            self.op,
+            self.commit,
+            self.commit_max,
+            self.chain_low,
+            self.entries.keys().next(),
+            self.entries.keys().next_back(),
+            self.candidates.len(),
+            self.repair.pending.keys().take(4).collect::<Vec<_>>(),
+        )
+    }
+
+    pub fn storage_mut(&mut self) -> &mut S {
+        &mut self.storage
+    }
+
+    pub fn into_storage(self) -> S {
+        self.storage
+    }
+
+    /// Reads an executed op back from the journal, for checks that committed prefixes match.
+    pub fn committed_entry(&mut self, op: u64) -> Option<Entry> {
+        assert!(op <= self.commit);
+        self.journal.read(&mut self.storage, op).ok()?.ok()
+    }
+
+    // ---------------------------------------------------------------- inputs
+
+    /// What holds between any two inputs; every handler asserts it before it acts.
+    fn assert_invariants(&self) {
+        assert!(
+            self.log_view <= self.view,
+            "log view above view: {}",
+            self.describe()
+        );
+        assert!(
+            self.commit <= self.chain_low && self.chain_low <= self.op,
+            "commit, chain and head out of order: {}",
+            self.describe()
+        );
+        assert!(
+            self.entries
+                .keys()
+                .next()
+                .is_none_or(|op| *op > self.commit),
+            "an executed op is still held as uncommitted: {}",
+            self.describe()
+        );
+        assert!(
+            self.status != Status::Normal || self.log_view == self.view,
+            "normal outside its log view: {}",
+            self.describe()
+        );
+        assert!(self.status == Status::Normal || self.pipeline.votes.is_empty());
+    }
+
+    /// A frame the transport could not accept as a message.
+    pub fn on_rejected(&mut self, reason: RejectReason, source: Source) {
+        let replica_id = self.config.replica;
+        probe::byzantine_rejection(|| (replica_id, reason as u8, source.peer_code()));
+    }
+
+    pub fn on_message(&mut self, now_ns: u64, source: Source, message: Message) {
+        self.assert_invariants();
+        if let Err(reason) = message.validate(self.config.replica_count) {
+            return self.on_rejected(reason, source);
+        }
+        let sender_valid = match source {
+            Source::Client(_) => message.header.replica == SENDER_CLIENT,
+            Source::Replica(replica) => message.header.replica == replica,
+        };
+        if !sender_valid {
+            return self.on_rejected(RejectReason::UnknownReplica, source);
+        }
+        let command = message.header.command;
+        let bytes = message.header.size;
+        self.snapshot.count_received(command, bytes as usize);
+        let replica_id = self.config.replica;
+        probe::message_recv(|| (replica_id, command as u8, bytes, source.peer_code()));
+        let header = message.header;
+        let result = match (command, source) {
+            (Command::Request, Source::Client(connection)) => {
+                self.on_request(now_ns, connection, message);
+                Ok(())
+            }
+            (_, Source::Client(_)) => Err(RejectReason::UnknownReplica),
+            (Command::Prepare, Source::Replica(from)) => self.on_prepare(now_ns, from, message),
+            (Command::PrepareOk, _) => {
+                self.on_prepare_ok(now_ns, &header);
+                Ok(())
+            }
+            (Command::Commit, _) => {
+                self.on_commit(now_ns, &header);
+                Ok(())
+            }
+            (Command::StartViewChange, _) => {
+                self.on_start_view_change(now_ns, &header);
+                Ok(())
+            }
+            (Command::DoViewChange, _) => self.on_do_view_change(now_ns, &message),
+            (Command::StartView, _) => self.on_start_view(now_ns, &message),
+            (Command::Recovery, _) => {
+                self.on_recovery(&header);
+                Ok(())
+            }
+            (Command::RecoveryResponse, _) => self.on_recovery_response(now_ns, &message),
+            (Command::RequestPrepare, _) => {
+                self.on_request_prepare(&header);
+                Ok(())
+            }
+            (Command::RequestStartView, _) => {
+                self.on_request_start_view(&header);
+                Ok(())
+            }
+            (Command::Request | Command::Reply, _) => Err(RejectReason::InvalidFields),
+        };
+        if let Err(reason) = result {
+            self.on_rejected(reason, source);
+        }
+    }
+
+    /// The transport lost an established connection to a replica.
+    pub fn on_peer_disconnected(&mut self, now_ns: u64, replica: u8) {
+        self.assert_invariants();
+        let primary = self.config.primary_of(self.view);
+        if self.status == Status::Normal && replica == primary && !self.is_primary() {
+            self.start_view_change(now_ns, self.view + 1, ViewChangeReason::PrimaryDisconnected);
+        }
+    }
+
+    /// An operator asked this replica to abandon the current view.
+    pub fn on_operator_view_change(&mut self, now_ns: u64) {
+        self.assert_invariants();
+        if self.status != Status::Recovering {
+            self.start_view_change(now_ns, self.view + 1, ViewChangeReason::OperatorRequest);
+        }
+    }
+
+    pub fn on_tick(&mut self, now_ns: u64) {
+        self.assert_invariants();
+        match self.status {
+            Status::Normal if self.is_primary() => self.on_primary_tick(now_ns),
+            Status::Normal => {
+                if now_ns.saturating_sub(self.last_heard_primary_ns)
+                    > self.config.view_change_timeout_ns
+                {
+                    self.start_view_change(now_ns, self.view + 1, ViewChangeReason::PrimaryTimeout);
+                }
+            }
+            Status::ViewChange => self.on_view_change_tick(now_ns),
+            Status::Recovering => {
+                if now_ns.saturating_sub(self.recovery.last_sent_ns) > self.config.retry_interval_ns
+                {
+                    self.send_recovery(now_ns);
+                }
+            }
+        }
+        self.on_repair_tick(now_ns);
+        if now_ns >= self.next_snapshot_ns {
+            self.next_snapshot_ns = now_ns + self.config.snapshot_interval_ns;
+            if self.commit > self.superblock.commit && self.status == Status::Normal {
+                self.superblock_dirty = true;
+            }
+            self.publish_snapshot(now_ns);
+        }
+    }
+
+    /// Ends a batch of inputs: the primary prepares queued requests, the journal and superblock
+    /// become durable (the group commit), and only then are the outputs released.
+    pub fn flush(&mut self, now_ns: u64) -> io::Result<Vec<Outgoing>> {
+        if self.is_primary() {
+            self.prepare_queued(now_ns);
+        }
+        if self.journal.has_pending() {
+            let started = std::time::Instant::now();
+            let stats = self.journal.flush(&mut self.storage)?;
+            let replica_id = self.config.replica;
+            probe::journal_write(|| {
+                (
+                    replica_id,
+                    stats.records,
+                    stats.bytes,
+                    started.elapsed().as_nanos() as u64,
+                )
+            });
+        }
+        if self.superblock_dirty {
+            self.superblock_dirty = false;
+            self.superblock.view = self.view;
+            self.superblock.log_view = self.log_view;
+            // Never claim a commit the journal cannot replay: executed ops are durable.
+            self.superblock.commit = self.superblock.commit.max(self.commit);
+            superblock::write(&mut self.storage, &mut self.superblock)?;
+        }
+        Ok(std::mem::take(&mut self.outbox))
+    }
+
+    // ---------------------------------------------------------------- output
+
+    pub(super) fn header(&self, command: Command) -> Header {
+        let mut header = Header::new(command, self.config.cluster, self.config.replica);
+        header.view = self.view;
+        header
+    }
+
+    pub(super) fn other_replicas(&self) -> impl Iterator<Item = u8> + use<S> {
+        let me = self.config.replica;
+        (0..self.config.replica_count).filter(move |replica| *replica != me)
+    }
+
+    pub(super) fn broadcast(&mut self, message: Message) {
+        let frame = message.encode();
+        for replica in self.other_replicas() {
+            self.send_frame(
+                Destination::Replica(replica),
+                message.header.command,
+                frame.clone(),
+            );
+        }
+    }
+
+    pub(super) fn send(&mut self, destination: Destination, message: Message) {
+        let command = message.header.command;
+        self.send_frame(destination, command, message.encode());
+    }
+
+    pub(super) fn send_frame(&mut self, destination: Destination, command: Command, frame: Bytes) {
+        let bytes = frame.len();
+        self.snapshot.count_sent(command, bytes);
+        let replica_id = self.config.replica;
+        let peer = match destination {
+            Destination::Replica(replica) => replica,
+            Destination::Client(_) => PEER_CLIENT,
+        };
+        probe::message_send(|| (replica_id, command as u8, bytes as u32, peer));
+        self.outbox.push(Outgoing { destination, frame });
+    }
+}

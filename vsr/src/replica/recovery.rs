@@ -1,0 +1,305 @@
+//! Opening a data directory, and the paper's recovery protocol: a replica that restarted
+//! replays its durable committed prefix, then asks the cluster for the current view and log
+//! (Recovery, answered by RecoveryResponse) and does not vote until a quorum has answered.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+
+use bytes::Bytes;
+use vsr_probes as probe;
+use vsr_probes::{Command, Component, RejectReason, ReplicaSnapshot, SNAPSHOT_VERSION};
+
+use super::normal::Pipeline;
+use super::repair::{RepairState, decode_suffix};
+use super::view_change::ViewChangeState;
+use super::{Config, Destination, OpenError, REPLICAS_MAX, Replica, Status};
+use crate::client_table::ClientTable;
+use crate::journal::{Journal, ReadError};
+use crate::kv::KvStore;
+use crate::message::{Entry, Header, Message, encode_entries};
+use crate::storage::Storage;
+use crate::superblock;
+
+#[derive(Debug)]
+pub(super) struct RecoveryResponse {
+    pub(super) view: u64,
+    pub(super) op: u64,
+    pub(super) commit: u64,
+    pub(super) head_checksum: u64,
+    pub(super) entries: Vec<Entry>,
+}
+
+#[derive(Debug)]
+pub(super) struct RecoveryState {
+    /// Unique per attempt, so an answer to an earlier attempt is never taken for this one.
+    pub(super) nonce: u64,
+    pub(super) started_ns: u64,
+    pub(super) last_sent_ns: u64,
+    pub(super) responses: HashMap<u8, RecoveryResponse>,
+}
+
+impl<S: Storage> Replica<S> {
+    /// Opens the replica's storage. A new data directory starts in normal status in view 0; a
+    /// restarted replica replays its journal up to its durable commit, then recovers.
+    pub fn open(config: Config, mut storage: S, now_ns: u64) -> Result<Replica<S>, OpenError> {
+        if config.replica_count == 0 || config.replica_count > REPLICAS_MAX {
+            return Err(OpenError::Config(format!(
+                "replica count {} is not in 1..={REPLICAS_MAX}",
+                config.replica_count
+            )));
+        }
+        if config.replica >= config.replica_count {
+            return Err(OpenError::Config(format!(
+                "replica index {} is not below the replica count {}",
+                config.replica, config.replica_count
+            )));
+        }
+        let opened = superblock::open(
+            &mut storage,
+            config.cluster,
+            config.replica,
+            config.replica_count,
+        )?;
+        let (journal, scan) = Journal::open(&mut storage)?;
+        let replica_id = config.replica;
+        for _ in 0..opened.corrupt_copies {
+            probe::checksum_failure(|| (replica_id, Component::Superblock as u8, 0));
+        }
+        for op in &scan.corrupt_ops {
+            probe::checksum_failure(|| (replica_id, Component::Log as u8, *op));
+        }
+        for _ in 0..scan.corrupt_headers {
+            probe::checksum_failure(|| (replica_id, Component::Log as u8, 0));
+        }
+
+        let state = opened.state;
+        let quorum_size = config.quorum() as u8;
+        let mut replica = Replica {
+            client_table: ClientTable::new(config.client_sessions_max),
+            snapshot: ReplicaSnapshot {
+                version: SNAPSHOT_VERSION,
+                replica_id,
+                cluster_size: config.replica_count,
+                quorum_size,
+                ..ReplicaSnapshot::default()
+            },
+            next_snapshot_ns: now_ns,
+            config,
+            storage,
+            journal,
+            superblock: state,
+            superblock_dirty: false,
+            status: Status::Normal,
+            view: state.view,
+            log_view: state.log_view,
+            op: 0,
+            head_checksum: 0,
+            commit: 0,
+            commit_max: state.commit,
+            entries: BTreeMap::new(),
+            candidates: BTreeMap::new(),
+            chain_low: 0,
+            kv: KvStore::default(),
+            pipeline: Pipeline::new(quorum_size),
+            last_sent_to_backups_ns: now_ns,
+            last_heard_primary_ns: now_ns,
+            view_change: ViewChangeState::new(now_ns),
+            recovery: RecoveryState {
+                nonce: 0,
+                started_ns: now_ns,
+                last_sent_ns: now_ns,
+                responses: HashMap::new(),
+            },
+            repair: RepairState::default(),
+            reply_latencies_ns: Vec::new(),
+            outbox: Vec::new(),
+        };
+        replica.replay_journal(state.commit)?;
+        if !opened.formatted {
+            replica.start_recovery(now_ns);
+        }
+        Ok(replica)
+    }
+
+    /// Executes the durable committed prefix and loads everything above it as candidates.
+    pub(super) fn replay_journal(&mut self, durable_commit: u64) -> io::Result<()> {
+        let mut trusted = true;
+        for op in 1..=self.journal.op_max() {
+            let entry = match self.journal.read(&mut self.storage, op)? {
+                Ok(entry) => entry,
+                Err(ReadError::Missing | ReadError::Corrupt) => {
+                    trusted = false;
+                    continue;
+                }
+            };
+            if op <= durable_commit && trusted && entry.parent == self.head_checksum {
+                self.head_checksum = entry.checksum;
+                self.op = op;
+                self.commit_max = self.commit_max.max(op);
+                self.execute(&entry, 0);
+            } else if op <= durable_commit {
+                // Committed and intact, so it is the committed entry: it anchors the chain for
+                // the corrupt ones below it.
+                self.entries.insert(op, entry);
+            } else {
+                self.candidates.insert(op, entry);
+            }
+        }
+        if let Some((&top, entry)) = self.entries.last_key_value() {
+            self.op = top;
+            self.head_checksum = entry.checksum;
+            self.chain_low = top - 1;
+        } else {
+            self.chain_low = self.op;
+        }
+        self.walk_chain(0);
+        Ok(())
+    }
+
+    pub(super) fn start_recovery(&mut self, now_ns: u64) {
+        self.status = Status::Recovering;
+        self.recovery.started_ns = now_ns;
+        // Unique per attempt; only needs to differ from earlier attempts of this replica, also
+        // those of an earlier process that crashed while recovering.
+        self.recovery.nonce = self.config.nonce_entropy
+            ^ now_ns
+            ^ (self.superblock.sequence << 32)
+            ^ u64::from(self.config.replica);
+        let (replica_id, nonce, commit) = (self.config.replica, self.recovery.nonce, self.commit);
+        probe::recovery_start(|| (replica_id, nonce, commit));
+        self.send_recovery(now_ns);
+    }
+
+    pub(super) fn send_recovery(&mut self, now_ns: u64) {
+        self.recovery.last_sent_ns = now_ns;
+        let mut header = self.header(Command::Recovery);
+        header.request_number = self.recovery.nonce;
+        header.commit = self.commit;
+        self.broadcast(Message::new(header, Bytes::new()));
+    }
+
+    pub(super) fn on_recovery(&mut self, header: &Header) {
+        self.assert_invariants();
+        assert_eq!(header.command, Command::Recovery);
+        if self.status != Status::Normal {
+            return;
+        }
+        let mut response = self.header(Command::RecoveryResponse);
+        response.request_number = header.request_number;
+        let body = if self.is_primary() {
+            response.op = self.op;
+            response.commit = self.commit_max.max(self.commit);
+            response.context = self.head_checksum;
+            response.aux = 1;
+            let from = header
+                .commit
+                .max(self.op.saturating_sub(self.config.suffix_max));
+            let mut suffix = Vec::new();
+            for op in from + 1..=self.op {
+                let entry = if op <= self.commit {
+                    match self.journal.read(&mut self.storage, op) {
+                        Ok(Ok(entry)) => entry,
+                        _ => {
+                            suffix.clear();
+                            continue;
+                        }
+                    }
+                } else if let Some(entry) = self.entries.get(&op) {
+                    entry.clone()
+                } else {
+                    suffix.clear();
+                    continue;
+                };
+                suffix.push(entry);
+            }
+            encode_entries(&suffix.iter().collect::<Vec<_>>())
+        } else {
+            Bytes::new()
+        };
+        self.send(
+            Destination::Replica(header.replica),
+            Message::new(response, body),
+        );
+    }
+
+    pub(super) fn on_recovery_response(
+        &mut self,
+        now_ns: u64,
+        message: &Message,
+    ) -> Result<(), RejectReason> {
+        self.assert_invariants();
+        assert_eq!(message.header.command, Command::RecoveryResponse);
+        let header = message.header;
+        if self.status != Status::Recovering || header.request_number != self.recovery.nonce {
+            return Ok(());
+        }
+        let from_primary = header.aux == 1;
+        if from_primary && self.config.primary_of(header.view) != header.replica {
+            return Err(RejectReason::InvalidFields);
+        }
+        let entries = if from_primary {
+            decode_suffix(&message.body, header.op, header.context)?
+        } else {
+            Vec::new()
+        };
+        self.recovery.responses.insert(
+            header.replica,
+            RecoveryResponse {
+                view: header.view,
+                op: header.op,
+                commit: header.commit,
+                head_checksum: header.context,
+                entries,
+            },
+        );
+        // f + 1 answers, one of them from the primary of the highest view among them.
+        if self.recovery.responses.len() < self.config.quorum() {
+            return Ok(());
+        }
+        let view = self
+            .recovery
+            .responses
+            .values()
+            .map(|response| response.view)
+            .max()
+            .unwrap();
+        let primary = self.config.primary_of(view);
+        let Some(primary_response) = self
+            .recovery
+            .responses
+            .remove(&primary)
+            .filter(|r| r.view == view)
+        else {
+            return Ok(());
+        };
+        self.recovery.responses.clear();
+        self.view = view;
+        self.view_change.started_ns = now_ns;
+        let RecoveryResponse {
+            op,
+            commit,
+            head_checksum,
+            entries,
+            ..
+        } = primary_response;
+        if op < self.commit {
+            // The primary's log is shorter than our durable commit: impossible unless it lost
+            // committed state. Try again later rather than adopt it.
+            return Ok(());
+        }
+        if op != self.op || head_checksum != self.head_checksum {
+            self.install_head(now_ns, op, head_checksum, entries);
+        }
+        self.commit_max = self.commit_max.max(commit);
+        self.status = Status::Normal;
+        self.log_view = view;
+        self.last_heard_primary_ns = now_ns;
+        self.superblock_dirty = true;
+        let (replica_id, latency_ns) = (self.config.replica, now_ns - self.recovery.started_ns);
+        probe::recovery_done(|| (replica_id, view, op, latency_ns));
+        self.walk_chain(now_ns);
+        self.commit_backup(now_ns);
+        self.acknowledge_uncommitted();
+        Ok(())
+    }
+}

@@ -1,0 +1,365 @@
+//! View change: a backup that suspects the primary moves to the next view; on a quorum of
+//! StartViewChange each replica sends the new primary its log head (DoViewChange); the new
+//! primary picks the log of the highest normal view, ties broken by op, and starts the view.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use vsr_probes as probe;
+use vsr_probes::{Command, RejectReason, ViewChangeReason};
+
+use super::normal::Votes;
+use super::repair::decode_suffix;
+use super::{Destination, Replica, Status};
+use crate::message::{Entry, Header, Message, decode_batch, encode_entries};
+use crate::storage::Storage;
+
+/// A replica's log head as it reported it for the new view.
+#[derive(Debug)]
+pub(super) struct DoViewChange {
+    pub(super) log_view: u64,
+    pub(super) op: u64,
+    pub(super) commit: u64,
+    pub(super) head_checksum: u64,
+    pub(super) entries: Vec<Entry>,
+}
+
+#[derive(Debug)]
+pub(super) struct ViewChangeState {
+    /// When this view change (or the recovery that ends in a view) began.
+    pub(super) started_ns: u64,
+    /// A bit per replica that asked for this view, own included.
+    pub(super) start_view_change_votes: u8,
+    pub(super) do_view_change_sent: bool,
+    /// On the new primary: the DoViewChange of each replica, own included.
+    pub(super) do_view_changes: HashMap<u8, DoViewChange>,
+    pub(super) last_sent_ns: u64,
+}
+
+impl ViewChangeState {
+    pub(super) fn new(now_ns: u64) -> ViewChangeState {
+        ViewChangeState {
+            started_ns: now_ns,
+            start_view_change_votes: 0,
+            do_view_change_sent: false,
+            do_view_changes: HashMap::new(),
+            last_sent_ns: now_ns,
+        }
+    }
+}
+
+impl<S: Storage> Replica<S> {
+    pub(super) fn start_view_change(&mut self, now_ns: u64, view: u64, reason: ViewChangeReason) {
+        assert!(view > self.view, "views only move forward");
+        let (replica_id, view_old) = (self.config.replica, self.view);
+        probe::view_change_start(|| (replica_id, view_old, view, reason as u8));
+        if self.status == Status::Normal {
+            self.log_view = self.view;
+        }
+        self.view = view;
+        self.status = Status::ViewChange;
+        self.view_change.started_ns = now_ns;
+        self.view_change.start_view_change_votes = 1 << self.config.replica;
+        self.view_change.do_view_change_sent = false;
+        self.view_change.do_view_changes.clear();
+        self.abandon_primary_state();
+        self.superblock_dirty = true;
+        self.send_start_view_change(now_ns);
+        self.maybe_send_do_view_change(now_ns);
+    }
+
+    /// Clients whose requests were queued here retry against the new primary.
+    pub(super) fn abandon_primary_state(&mut self) {
+        // No evidence against a quorum until this replica leads again and an op stalls.
+        self.pipeline.clear(self.config.quorum() as u8);
+    }
+
+    pub(super) fn send_start_view_change(&mut self, now_ns: u64) {
+        self.view_change.last_sent_ns = now_ns;
+        let header = self.header(Command::StartViewChange);
+        self.broadcast(Message::new(header, Bytes::new()));
+    }
+
+    pub(super) fn on_start_view_change(&mut self, now_ns: u64, header: &Header) {
+        self.assert_invariants();
+        assert_eq!(header.command, Command::StartViewChange);
+        if self.status == Status::Recovering || header.view < self.view {
+            return;
+        }
+        if header.view > self.view {
+            self.start_view_change(now_ns, header.view, ViewChangeReason::HigherView);
+        }
+        if self.status == Status::ViewChange && header.view == self.view {
+            self.view_change.start_view_change_votes |= 1 << header.replica;
+            self.maybe_send_do_view_change(now_ns);
+        }
+    }
+
+    pub(super) fn maybe_send_do_view_change(&mut self, now_ns: u64) {
+        if self.view_change.do_view_change_sent
+            || (self.view_change.start_view_change_votes.count_ones() as usize)
+                < self.config.quorum()
+        {
+            return;
+        }
+        self.view_change.do_view_change_sent = true;
+        let do_view_change = self.own_do_view_change();
+        let primary = self.config.primary_of(self.view);
+        if primary == self.config.replica {
+            self.view_change
+                .do_view_changes
+                .insert(primary, do_view_change);
+            self.maybe_start_view(now_ns);
+        } else {
+            let message = self.do_view_change_message(&do_view_change);
+            self.send(Destination::Replica(primary), message);
+        }
+    }
+
+    pub(super) fn own_do_view_change(&self) -> DoViewChange {
+        DoViewChange {
+            log_view: self.log_view,
+            op: self.op,
+            commit: self.commit_max.max(self.commit).min(self.op),
+            head_checksum: self.head_checksum,
+            entries: self.suffix(self.commit).into_iter().cloned().collect(),
+        }
+    }
+
+    /// Our verified entries above `after`, newest `suffix_max` at most.
+    pub(super) fn suffix(&self, after: u64) -> Vec<&Entry> {
+        let low = after
+            .max(self.chain_low)
+            .max(self.op.saturating_sub(self.config.suffix_max));
+        self.entries
+            .range(low + 1..)
+            .map(|(_, entry)| entry)
+            .collect()
+    }
+
+    pub(super) fn do_view_change_message(&self, do_view_change: &DoViewChange) -> Message {
+        let mut header = self.header(Command::DoViewChange);
+        header.op = do_view_change.op;
+        header.commit = do_view_change.commit;
+        header.context = do_view_change.head_checksum;
+        header.aux = do_view_change.log_view;
+        let entries: Vec<&Entry> = do_view_change.entries.iter().collect();
+        Message::new(header, encode_entries(&entries))
+    }
+
+    pub(super) fn on_do_view_change(
+        &mut self,
+        now_ns: u64,
+        message: &Message,
+    ) -> Result<(), RejectReason> {
+        self.assert_invariants();
+        assert_eq!(message.header.command, Command::DoViewChange);
+        let header = message.header;
+        if self.status == Status::Recovering || header.view < self.view {
+            return Ok(());
+        }
+        if self.config.primary_of(header.view) != self.config.replica {
+            return Err(RejectReason::InvalidFields);
+        }
+        let entries = decode_suffix(&message.body, header.op, header.context)?;
+        if header.view > self.view {
+            self.start_view_change(now_ns, header.view, ViewChangeReason::HigherView);
+        }
+        if self.status != Status::ViewChange {
+            // Already started the view: the sender missed our StartView.
+            self.send_start_view_to(header.view, header.replica);
+            return Ok(());
+        }
+        self.view_change.do_view_changes.insert(
+            header.replica,
+            DoViewChange {
+                log_view: header.aux,
+                op: header.op,
+                commit: header.commit,
+                head_checksum: header.context,
+                entries,
+            },
+        );
+        self.view_change.start_view_change_votes |= 1 << header.replica;
+        self.maybe_send_do_view_change(now_ns);
+        self.maybe_start_view(now_ns);
+        Ok(())
+    }
+
+    pub(super) fn maybe_start_view(&mut self, now_ns: u64) {
+        if self.view_change.do_view_changes.len() < self.config.quorum()
+            || !self
+                .view_change
+                .do_view_changes
+                .contains_key(&self.config.replica)
+        {
+            return;
+        }
+        let commit_max = self
+            .view_change
+            .do_view_changes
+            .values()
+            .map(|dvc| dvc.commit)
+            .max()
+            .unwrap();
+        let commit_min = self
+            .view_change
+            .do_view_changes
+            .values()
+            .map(|dvc| dvc.commit)
+            .min()
+            .unwrap();
+        let best = self
+            .view_change
+            .do_view_changes
+            .iter()
+            .max_by_key(|(replica, dvc)| (dvc.log_view, dvc.op, **replica == self.config.replica))
+            .map(|(replica, _)| *replica)
+            .unwrap();
+        let best = self.view_change.do_view_changes.remove(&best).unwrap();
+        self.view_change.do_view_changes.clear();
+        if best.op != self.op || best.head_checksum != self.head_checksum {
+            self.install_head(now_ns, best.op, best.head_checksum, best.entries);
+        }
+        self.commit_max = self.commit_max.max(commit_max);
+        self.enter_normal(now_ns);
+        let uncommitted: Vec<u64> = ((self.commit_max + 1)..=self.op).collect();
+        for op in uncommitted {
+            let has_entry = self.entries.contains_key(&op);
+            self.pipeline.votes.insert(
+                op,
+                Votes {
+                    replicas: if has_entry {
+                        1 << self.config.replica
+                    } else {
+                        0
+                    },
+                    prepared_ns: now_ns,
+                    last_sent_ns: now_ns,
+                    quorum_ns: None,
+                },
+            );
+            if let Some(requests) = self
+                .entries
+                .get(&op)
+                .and_then(|entry| decode_batch(&entry.body).ok())
+            {
+                for request in requests {
+                    self.pipeline
+                        .in_flight
+                        .insert(request.client_id, request.request_number);
+                }
+            }
+        }
+        let start_view = self.start_view_message(commit_min);
+        self.broadcast(start_view);
+        self.last_sent_to_backups_ns = now_ns;
+        self.walk_chain(now_ns);
+        self.commit_primary(now_ns);
+    }
+
+    pub(super) fn start_view_message(&self, after: u64) -> Message {
+        let mut header = self.header(Command::StartView);
+        header.op = self.op;
+        header.commit = self.commit_max.max(self.commit);
+        header.context = self.head_checksum;
+        Message::new(header, encode_entries(&self.suffix(after)))
+    }
+
+    pub(super) fn enter_normal(&mut self, now_ns: u64) {
+        let (replica_id, view, latency_ns) = (
+            self.config.replica,
+            self.view,
+            now_ns.saturating_sub(self.view_change.started_ns),
+        );
+        self.status = Status::Normal;
+        self.log_view = self.view;
+        self.last_heard_primary_ns = now_ns;
+        self.superblock_dirty = true;
+        let is_primary = self.is_primary() as u8;
+        probe::view_change_done(|| (replica_id, view, latency_ns, is_primary));
+    }
+
+    pub(super) fn on_start_view(
+        &mut self,
+        now_ns: u64,
+        message: &Message,
+    ) -> Result<(), RejectReason> {
+        self.assert_invariants();
+        assert_eq!(message.header.command, Command::StartView);
+        let header = message.header;
+        if self.config.primary_of(header.view) != header.replica {
+            return Err(RejectReason::InvalidFields);
+        }
+        let stale =
+            header.view < self.view || (header.view == self.view && self.status == Status::Normal);
+        if self.status == Status::Recovering || stale {
+            return Ok(());
+        }
+        let entries = decode_suffix(&message.body, header.op, header.context)?;
+        if header.op < self.commit {
+            return Err(RejectReason::InvalidFields);
+        }
+        if self.status == Status::Normal {
+            self.view_change.started_ns = now_ns;
+        }
+        self.view = header.view;
+        self.abandon_primary_state();
+        if header.op != self.op || header.context != self.head_checksum {
+            self.install_head(now_ns, header.op, header.context, entries);
+        }
+        self.commit_max = self.commit_max.max(header.commit);
+        self.enter_normal(now_ns);
+        self.walk_chain(now_ns);
+        self.commit_backup(now_ns);
+        self.acknowledge_uncommitted();
+        Ok(())
+    }
+
+    pub(super) fn request_start_view(&mut self, view: u64, primary: u8) {
+        let mut header = self.header(Command::RequestStartView);
+        header.view = view;
+        self.send(
+            Destination::Replica(primary),
+            Message::new(header, Bytes::new()),
+        );
+    }
+
+    pub(super) fn on_request_start_view(&mut self, header: &Header) {
+        self.assert_invariants();
+        assert_eq!(header.command, Command::RequestStartView);
+        self.send_start_view_to(header.view, header.replica);
+    }
+
+    /// Sends a replica that missed it the StartView of `view`, if this replica leads that view.
+    fn send_start_view_to(&mut self, view: u64, replica: u8) {
+        if view == self.view && self.is_primary() {
+            let start_view = self.start_view_message(self.commit);
+            self.send(Destination::Replica(replica), start_view);
+        }
+    }
+
+    pub(super) fn on_view_change_tick(&mut self, now_ns: u64) {
+        self.assert_invariants();
+        if now_ns.saturating_sub(self.view_change.started_ns) > self.config.view_change_timeout_ns {
+            return self.start_view_change(
+                now_ns,
+                self.view + 1,
+                ViewChangeReason::ViewChangeTimeout,
+            );
+        }
+        if now_ns.saturating_sub(self.view_change.last_sent_ns) > self.config.retry_interval_ns {
+            self.send_start_view_change(now_ns);
+            if self.view_change.do_view_change_sent
+                && !self
+                    .view_change
+                    .do_view_changes
+                    .contains_key(&self.config.replica)
+            {
+                let message = self.do_view_change_message(&self.own_do_view_change());
+                let primary = self.config.primary_of(self.view);
+                self.send(Destination::Replica(primary), message);
+            }
+        }
+    }
+}
