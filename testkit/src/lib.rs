@@ -104,9 +104,52 @@ impl Cluster {
             children: (0..replica_count).map(|_| None).collect(),
         };
         for replica in 0..replica_count {
+            cluster.format_replica(replica, false);
             cluster.start_replica(replica);
         }
         cluster
+    }
+
+    /// Loses a stopped replica's data and formats its directory again as a replacement, which
+    /// recovers from the cluster (the paper's recovery protocol) before it votes.
+    pub fn replace_replica(&self, replica: usize) {
+        assert!(!self.is_running(replica), "stop replica {replica} first");
+        std::fs::remove_dir_all(self.data_directory(replica)).unwrap();
+        self.format_replica(replica, true);
+    }
+
+    /// `vsr-replica format` for one replica's data directory, in the cluster that the extra
+    /// arguments name (`--cluster`, default 1); `recover` formats a replacement.
+    pub fn format_replica(&self, replica: usize, recover: bool) {
+        let cluster = self
+            .extra_arguments
+            .iter()
+            .position(|argument| argument == "--cluster")
+            .map_or("1", |index| self.extra_arguments[index + 1].as_str());
+        let mut command = Command::new(&self.binary);
+        command
+            .arg("format")
+            .args(["--cluster", cluster])
+            .args(["--replica", &replica.to_string()])
+            .args(["--replica-count", &self.addresses.len().to_string()])
+            .arg("--data")
+            .arg(self.data_directory(replica));
+        if recover {
+            command.arg("--recover");
+        }
+        let output = loop {
+            match command.output() {
+                Err(error) if error.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                output => break output.unwrap(),
+            }
+        };
+        assert!(
+            output.status.success(),
+            "vsr-replica format failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
 
     pub fn addresses_argument(&self) -> String {
@@ -132,6 +175,7 @@ impl Cluster {
     pub fn replica_command(&self, replica: usize) -> Command {
         let mut command = Command::new(&self.binary);
         command
+            .arg("start")
             .arg("--replica")
             .arg(replica.to_string())
             .arg("--addresses")
@@ -184,6 +228,10 @@ impl Cluster {
             .id()
     }
 
+    pub fn is_running(&self, replica: usize) -> bool {
+        self.children[replica].is_some()
+    }
+
     pub fn kill(&mut self, replica: usize) {
         if let Some(mut child) = self.children[replica].take() {
             child.kill().unwrap();
@@ -204,6 +252,24 @@ impl Cluster {
             &format!("replica {replica} to log {needle:?}"),
             timeout,
             || self.log(replica).contains(needle),
+        );
+    }
+
+    /// Where the replica's log ends now, for `wait_for_log_since`.
+    pub fn log_mark(&self, replica: usize) -> usize {
+        self.log(replica).len()
+    }
+
+    /// Waits until what the replica logged after `mark` contains `needle`.
+    pub fn wait_for_log_since(&self, replica: usize, mark: usize, needle: &str, timeout: Duration) {
+        wait_until(
+            &format!("replica {replica} to log {needle:?}"),
+            timeout,
+            || {
+                self.log(replica)
+                    .get(mark..)
+                    .is_some_and(|new| new.contains(needle))
+            },
         );
     }
 

@@ -234,6 +234,8 @@ fn primary_failure_and_restart_show_up_and_attach_by_path_covers_the_new_process
                 && metrics.value("vsr_view_number{replica_id=\"1\"}") == Some(1.0)
         },
     );
+    // Its disk replaced: a replica that lost its data recovers before it votes.
+    cluster.replace_replica(0);
     cluster.start_replica(0);
     let new_pid = cluster.pid(0);
     wait_until(

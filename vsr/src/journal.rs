@@ -34,6 +34,16 @@ pub struct JournalScan {
     pub corrupt_headers: u64,
 }
 
+/// A run of bytes that decode as no record: a torn tail or a corrupt header (and whatever
+/// followed it up to the next record that decodes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CorruptRun {
+    start: u64,
+    end: u64,
+    /// After the last record that decodes: new records are written over it.
+    tail: bool,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadError {
     /// No record for this op.
@@ -57,6 +67,8 @@ pub struct Journal {
     durable_end: u64,
     pending: Vec<u8>,
     pending_records: u32,
+    /// Found at open; erased once the replica no longer needs what they may have hidden.
+    corrupt_runs: Vec<CorruptRun>,
 }
 
 struct RecordHeader {
@@ -124,6 +136,7 @@ impl Journal {
             durable_end: 0,
             pending: Vec::new(),
             pending_records: 0,
+            corrupt_runs: Vec::new(),
         };
         let mut scan = JournalScan::default();
         let mut offset = 0;
@@ -135,13 +148,23 @@ impl Journal {
             let Some(header) = RecordHeader::decode(&header_bytes)
                 .filter(|header| offset + header.record_size() <= size)
             else {
+                // Zeros are unwritten space (or erased runs); a window of them that reaches
+                // into the next record must not count as corruption either.
                 if !in_corrupt_run && header_bytes.iter().any(|byte| *byte != 0) {
                     scan.corrupt_headers += 1;
+                    journal.corrupt_runs.push(CorruptRun {
+                        start: offset,
+                        end: size,
+                        tail: false,
+                    });
                 }
                 in_corrupt_run = true;
                 offset += RECORD_ALIGNMENT;
                 continue;
             };
+            if in_corrupt_run && let Some(run) = journal.corrupt_runs.last_mut() {
+                run.end = run.end.min(offset);
+            }
             in_corrupt_run = false;
             match header.kind {
                 KIND_TRUNCATE => {
@@ -165,6 +188,9 @@ impl Journal {
         // New records go after the last record that decodes: a torn or corrupt tail is
         // overwritten, never trusted, and never left in front of new records.
         journal.durable_end = valid_end;
+        for run in &mut journal.corrupt_runs {
+            run.tail = run.start >= valid_end;
+        }
         Ok((journal, scan))
     }
 
@@ -250,6 +276,27 @@ impl Journal {
         );
         self.push_record(&header, &[]);
         self.truncate_index(op);
+    }
+
+    /// Overwrites with zeros, durably, every run of bytes that decoded as no record at open, so
+    /// that a later open finds a clean journal. Only for a replica that has learned its log
+    /// from the cluster since: what such a run hid no longer matters to it.
+    pub fn erase_corrupt_runs(&mut self, storage: &mut impl Storage) -> io::Result<()> {
+        if self.corrupt_runs.is_empty() {
+            return Ok(());
+        }
+        for run in std::mem::take(&mut self.corrupt_runs) {
+            // Records written since open cover the start of a tail run: zero only past them.
+            let start = if run.tail {
+                run.start.max(self.size_bytes())
+            } else {
+                run.start
+            };
+            if start < run.end {
+                storage.write_at(Zone::Journal, start, &vec![0u8; (run.end - start) as usize])?;
+            }
+        }
+        storage.sync(Zone::Journal)
     }
 
     pub fn has_pending(&self) -> bool {

@@ -2,10 +2,13 @@
 //! thread, driven by a seeded PRNG and a simulated clock. The same seed gives the same run, so a
 //! failing seed printed by a test reproduces exactly.
 //!
-//! Faults: crash and restart (unsynced writes lost, the last write possibly torn), network
-//! partitions, message loss, duplication, delay and reordering, and corruption of a crashed
-//! replica's journal or superblock. At most `f` replicas are down or partitioned at a time,
-//! which is what VSR promises to survive.
+//! Faults: crash and restart (a power loss: unsynced writes lost, the first possibly torn), a
+//! crash of every replica at once (a kill -9 of each process: what was written survives,
+//! synced or not), a replica whose data is lost and that is re-formatted as a replacement,
+//! network partitions, message loss, duplication, delay and reordering, and corruption of a
+//! crashed replica's journal or superblock. Apart from the crash of the whole cluster, at most
+//! `f` replicas are down, recovering or partitioned at a time, which is what VSR promises to
+//! survive.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -63,6 +66,11 @@ impl MemoryStorage {
             zone_bytes.resize(end, 0);
         }
         zone_bytes[offset as usize..end].copy_from_slice(bytes);
+    }
+
+    /// A process crash: the kernel still holds every write, synced or not.
+    pub fn crash_process(&mut self) {
+        self.crash_keep_torn_writes();
     }
 
     /// Loses every unsynced write.
@@ -158,6 +166,10 @@ pub struct Faults {
     pub crash_percent_per_second: u64,
     pub partition_percent_per_second: u64,
     pub corrupt_on_crash_percent: u64,
+    /// A crashed replica's data is lost and it comes back re-formatted as a replacement.
+    pub replace_on_crash_percent: u64,
+    /// When every replica crashes at once, if at all.
+    pub cluster_crash_ns: Option<u64>,
 }
 
 impl Faults {
@@ -169,6 +181,8 @@ impl Faults {
             crash_percent_per_second: 0,
             partition_percent_per_second: 0,
             corrupt_on_crash_percent: 0,
+            replace_on_crash_percent: 0,
+            cluster_crash_ns: None,
         }
     }
 
@@ -181,6 +195,10 @@ impl Faults {
             crash_percent_per_second: prng.below(40),
             partition_percent_per_second: prng.below(30),
             corrupt_on_crash_percent: prng.below(60),
+            replace_on_crash_percent: prng.below(20),
+            cluster_crash_ns: prng
+                .chance(30)
+                .then(|| (1 + prng.below(18)) * 1_000_000_000),
         }
     }
 }
@@ -200,7 +218,17 @@ enum Node {
     Down {
         storage: MemoryStorage,
         restart_ns: u64,
+        /// Its data is lost: it restarts re-formatted as a replacement.
+        replaced: bool,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Crash {
+    /// The machine loses power: unsynced writes are lost, the first one possibly torn.
+    PowerLoss,
+    /// The process is killed: the kernel keeps every write.
+    Process,
 }
 
 /// One acknowledged request, as its client saw it.
@@ -240,6 +268,9 @@ pub struct Simulator {
     pub acknowledged: Vec<Acknowledged>,
     pub crashes: u64,
     pub corruptions: u64,
+    pub replacements: u64,
+    /// Print every fault and restart with the replicas' states (`VSR_SIM_TRACE=1`).
+    pub trace: bool,
 }
 
 impl Simulator {
@@ -268,9 +299,9 @@ impl Simulator {
                     replica,
                     ..config.clone()
                 };
-                Node::Up(Box::new(
-                    Replica::open(config, MemoryStorage::default(), 0).unwrap(),
-                ))
+                let mut storage = MemoryStorage::default();
+                Replica::format(&config, &mut storage, false).unwrap();
+                Node::Up(Box::new(Replica::open(config, storage, 0).unwrap()))
             })
             .collect();
         let clients = (0..client_count)
@@ -295,6 +326,8 @@ impl Simulator {
             acknowledged: Vec::new(),
             crashes: 0,
             corruptions: 0,
+            replacements: 0,
+            trace: false,
         }
     }
 
@@ -343,14 +376,26 @@ impl Simulator {
                 *restart_ns = 0;
             }
         }
+        self.trace_event("heal");
         let end = self.now_ns + limit_ns;
         while self.now_ns < end {
             self.step();
             if self.settled() {
+                self.trace_event("settled");
                 return true;
             }
         }
         false
+    }
+
+    fn trace_event(&self, event: &str) {
+        if self.trace {
+            eprintln!(
+                "{:>8.3} s  {event}: {}",
+                self.now_ns as f64 / 1e9,
+                self.describe()
+            );
+        }
     }
 
     /// One line per replica and the clients still waiting, for failure messages.
@@ -425,10 +470,19 @@ impl Simulator {
             return;
         }
         // Per 100 ms step: the per-second percentages divided by ten.
+        if let Some(cluster_crash_ns) = self.faults.cluster_crash_ns
+            && self.now_ns >= cluster_crash_ns
+        {
+            self.faults.cluster_crash_ns = None;
+            for index in 0..self.nodes.len() {
+                self.crash(index, Crash::Process);
+            }
+        }
+        // A 1-replica cluster survives a crash too: it is down until it restarts.
         let crash = self.faults.crash_percent_per_second;
-        if crash > 0 && self.prng.below(1000) < crash && self.faulty_count() < self.f() {
+        if crash > 0 && self.prng.below(1000) < crash && self.faulty_count() < self.f().max(1) {
             let index = self.prng.below(u64::from(self.replica_count())) as usize;
-            self.crash(index);
+            self.crash(index, Crash::PowerLoss);
         }
         if let Some((_, until_ns)) = self.partitioned
             && self.now_ns >= until_ns
@@ -444,24 +498,51 @@ impl Simulator {
             let replica = self.prng.below(u64::from(self.replica_count())) as u8;
             let duration = 100_000_000 + self.prng.below(2_000_000_000);
             self.partitioned = Some((replica, self.now_ns + duration));
+            self.trace_event(&format!(
+                "partition replica {replica} for {} ms",
+                duration / 1_000_000
+            ));
         }
     }
 
-    fn crash(&mut self, index: usize) {
+    fn crash(&mut self, index: usize, kind: Crash) {
         let Node::Up(_) = &self.nodes[index] else {
             return;
         };
+        self.trace_event(&format!("crash replica {index} ({kind:?})"));
         let restart_ns = self.now_ns + 50_000_000 + self.prng.below(3_000_000_000);
         let placeholder = Node::Down {
             storage: MemoryStorage::default(),
             restart_ns,
+            replaced: false,
         };
         let Node::Up(replica) = std::mem::replace(&mut self.nodes[index], placeholder) else {
             unreachable!()
         };
         let mut storage = replica.into_storage();
+        self.crashes += 1;
+        if kind == Crash::Process {
+            storage.crash_process();
+            self.nodes[index] = Node::Down {
+                storage,
+                restart_ns,
+                replaced: false,
+            };
+            return;
+        }
         storage.crash_torn(&mut self.prng);
-        if self.prng.chance(self.faults.corrupt_on_crash_percent) {
+        // Losing or corrupting the only copy is not a fault any protocol survives.
+        let has_peers = self.replica_count() > 1;
+        if has_peers && self.prng.chance(self.faults.replace_on_crash_percent) {
+            self.replacements += 1;
+            self.nodes[index] = Node::Down {
+                storage: MemoryStorage::default(),
+                restart_ns,
+                replaced: true,
+            };
+            return;
+        }
+        if has_peers && self.prng.chance(self.faults.corrupt_on_crash_percent) {
             let zone = if self.prng.chance(80) {
                 Zone::Journal
             } else {
@@ -476,12 +557,13 @@ impl Simulator {
                 };
                 storage.corrupt_byte(zone, offset);
                 self.corruptions += 1;
+                self.trace_event(&format!("corrupt replica {index} {zone:?} byte {offset}"));
             }
         }
-        self.crashes += 1;
         self.nodes[index] = Node::Down {
             storage,
             restart_ns,
+            replaced: false,
         };
     }
 
@@ -491,22 +573,33 @@ impl Simulator {
             if !due {
                 continue;
             }
-            let Node::Down { storage, .. } = std::mem::replace(
+            let Node::Down {
+                mut storage,
+                replaced,
+                ..
+            } = std::mem::replace(
                 &mut self.nodes[index],
                 Node::Down {
                     storage: MemoryStorage::default(),
                     restart_ns: u64::MAX,
+                    replaced: false,
                 },
-            ) else {
+            )
+            else {
                 unreachable!()
             };
             let config = Config {
                 replica: index as u8,
                 ..self.config.clone()
             };
+            if replaced {
+                Replica::format(&config, &mut storage, true)
+                    .unwrap_or_else(|error| panic!("replica {index} failed to format: {error}"));
+            }
             let replica = Replica::open(config, storage, self.now_ns)
                 .unwrap_or_else(|error| panic!("replica {index} failed to reopen: {error}"));
             self.nodes[index] = Node::Up(Box::new(replica));
+            self.trace_event(&format!("restart replica {index} (replaced: {replaced})"));
         }
     }
 

@@ -51,18 +51,57 @@ impl FileStorage {
     pub const JOURNAL_FILE: &'static str = "journal.vsr";
     pub const SUPERBLOCK_FILE: &'static str = "superblock.vsr";
 
-    pub fn open(directory: &Path) -> io::Result<FileStorage> {
+    /// Creates a data directory's files, durably: the files and the directory entry naming them
+    /// are synced. Refuses a directory that already holds a replica's files.
+    pub fn create(directory: &Path) -> io::Result<FileStorage> {
         std::fs::create_dir_all(directory)?;
+        for name in [Self::JOURNAL_FILE, Self::SUPERBLOCK_FILE] {
+            if directory.join(name).exists() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!(
+                        "{} already holds a replica ({name} exists); formatting never overwrites one",
+                        directory.display()
+                    ),
+                ));
+            }
+        }
+        let storage = Self::open_files(directory, true)?;
+        storage.journal.sync_all()?;
+        storage.superblock.sync_all()?;
+        File::open(directory)?.sync_all()?;
+        Ok(storage)
+    }
+
+    /// Opens a formatted data directory's files; never creates them.
+    pub fn open(directory: &Path) -> io::Result<FileStorage> {
+        if !directory.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "{} is not a directory: create the replica with `vsr-replica format`",
+                    directory.display()
+                ),
+            ));
+        }
+        Self::open_files(directory, false)
+    }
+
+    fn open_files(directory: &Path, create: bool) -> io::Result<FileStorage> {
         let open = |name: &str| -> io::Result<File> {
             let path: PathBuf = directory.join(name);
             OpenOptions::new()
                 .read(true)
                 .write(true)
-                .create(true)
-                .truncate(false)
+                .create_new(create)
                 .open(&path)
                 .map_err(|error| {
-                    io::Error::new(error.kind(), format!("{}: {error}", path.display()))
+                    let hint = if error.kind() == io::ErrorKind::NotFound {
+                        ": not formatted; create the replica with `vsr-replica format`"
+                    } else {
+                        ""
+                    };
+                    io::Error::new(error.kind(), format!("{}: {error}{hint}", path.display()))
                 })
         };
         Ok(FileStorage {

@@ -13,7 +13,7 @@ use crate::storage::{Storage, Zone, read_exact_at};
 
 pub const COPIES: u64 = 4;
 const COPY_SIZE: u64 = 4096;
-const ENCODED_SIZE: usize = 8 + 8 * 6 + 2;
+const ENCODED_SIZE: usize = 8 + 8 * 7 + 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SuperblockState {
@@ -25,11 +25,19 @@ pub struct SuperblockState {
     pub log_view: u64,
     /// Every op up to here is committed and durable in the journal.
     pub commit: u64,
+    /// The checksum of op `commit`'s entry (0 for op 0): anchors the replay of the journal, so
+    /// an older record of an op can never be mistaken for its committed one.
+    pub commit_checksum: u64,
     pub sequence: u64,
+    /// Formatted as a replacement for a replica that lost its data: it must not vote until
+    /// the cluster has told it the current view and log (the recovery protocol).
+    pub recovering: bool,
 }
 
 #[derive(Debug, Error)]
 pub enum SuperblockError {
+    #[error("not formatted (no superblock): create it with `vsr-replica format`")]
+    Unformatted,
     #[error("superblock: every copy fails its checksum; the data directory is unusable")]
     AllCopiesCorrupt,
     #[error(
@@ -48,12 +56,11 @@ pub enum SuperblockError {
     Io(#[from] io::Error),
 }
 
-/// The result of opening: the state, whether the directory was new, and how many copies were
-/// damaged (each one a checksum failure to report).
+/// The result of opening: the state, and how many copies were damaged (each one a checksum
+/// failure to report).
 #[derive(Debug)]
 pub struct SuperblockOpen {
     pub state: SuperblockState,
-    pub formatted: bool,
     pub corrupt_copies: u64,
 }
 
@@ -66,14 +73,16 @@ impl SuperblockState {
             self.log_view,
             self.commit,
             self.sequence,
+            self.commit_checksum,
         ]
         .into_iter()
         .enumerate()
         {
             out[16 + index * 8..24 + index * 8].copy_from_slice(&value.to_le_bytes());
         }
-        out[56] = self.replica;
-        out[57] = self.replica_count;
+        out[64] = self.replica;
+        out[65] = self.replica_count;
+        out[66] = self.recovering as u8;
         let sum = checksum(&out[8..]);
         out[0..8].copy_from_slice(&sum.to_le_bytes());
         out
@@ -87,13 +96,40 @@ impl SuperblockState {
             log_view: u64_at(32),
             commit: u64_at(40),
             sequence: u64_at(48),
-            replica: bytes[56],
-            replica_count: bytes[57],
+            commit_checksum: u64_at(56),
+            replica: bytes[64],
+            replica_count: bytes[65],
+            recovering: bytes[66] == 1,
         })
     }
 }
 
-/// Opens the superblock, formatting it if the zone is empty.
+/// Writes every copy of a new replica's superblock: view 0, nothing committed.
+pub fn format(
+    storage: &mut impl Storage,
+    cluster: u64,
+    replica: u8,
+    replica_count: u8,
+    recovering: bool,
+) -> io::Result<SuperblockState> {
+    let mut state = SuperblockState {
+        cluster,
+        replica,
+        replica_count,
+        view: 0,
+        log_view: 0,
+        commit: 0,
+        commit_checksum: 0,
+        sequence: 0,
+        recovering,
+    };
+    for _ in 0..COPIES {
+        write(storage, &mut state)?;
+    }
+    Ok(state)
+}
+
+/// Opens the newest intact copy of a formatted superblock.
 pub fn open(
     storage: &mut impl Storage,
     cluster: u64,
@@ -101,23 +137,7 @@ pub fn open(
     replica_count: u8,
 ) -> Result<SuperblockOpen, SuperblockError> {
     if storage.size(Zone::Superblock)? == 0 {
-        let mut state = SuperblockState {
-            cluster,
-            replica,
-            replica_count,
-            view: 0,
-            log_view: 0,
-            commit: 0,
-            sequence: 0,
-        };
-        for _ in 0..COPIES {
-            write(storage, &mut state)?;
-        }
-        return Ok(SuperblockOpen {
-            state,
-            formatted: true,
-            corrupt_copies: 0,
-        });
+        return Err(SuperblockError::Unformatted);
     }
     let mut newest: Option<SuperblockState> = None;
     let mut corrupt_copies = 0;
@@ -145,7 +165,6 @@ pub fn open(
     }
     Ok(SuperblockOpen {
         state,
-        formatted: false,
         corrupt_copies,
     })
 }
@@ -166,7 +185,7 @@ mod tests {
     #[test]
     fn newest_intact_copy_wins_after_torn_write() {
         let mut storage = MemoryStorage::default();
-        let mut state = open(&mut storage, 1, 0, 3).unwrap().state;
+        let mut state = format(&mut storage, 1, 0, 3, false).unwrap();
         state.view = 5;
         state.commit = 10;
         write(&mut storage, &mut state).unwrap();
@@ -182,13 +201,17 @@ mod tests {
         let opened = open(&mut storage, 1, 0, 3).unwrap();
         assert_eq!(opened.state, last_complete);
         assert_eq!(opened.corrupt_copies, 1);
-        assert!(!opened.formatted);
     }
 
     #[test]
-    fn identity_mismatch_and_total_corruption_are_errors() {
+    fn unformatted_identity_mismatch_and_total_corruption_are_errors() {
         let mut storage = MemoryStorage::default();
-        open(&mut storage, 1, 0, 3).unwrap();
+        assert!(matches!(
+            open(&mut storage, 1, 0, 3),
+            Err(SuperblockError::Unformatted)
+        ));
+        let formatted = format(&mut storage, 1, 0, 3, true).unwrap();
+        assert_eq!(open(&mut storage, 1, 0, 3).unwrap().state, formatted);
         assert!(matches!(
             open(&mut storage, 2, 0, 3),
             Err(SuperblockError::WrongIdentity { .. })

@@ -1,7 +1,8 @@
 //! Seeded simulation sweep: random faults, then heal; every run must keep every acknowledged
 //! write, agree on committed prefixes, reply linearizably, and make progress once healed.
 //!
-//! `VSR_SIM_SEEDS=N` sets the sweep size; `VSR_SIM_SEED=S` reruns one seed.
+//! `VSR_SIM_SEEDS=N` sets the sweep size; `VSR_SIM_SEED=S` reruns one seed, and with
+//! `VSR_SIM_TRACE=1` prints every fault and restart with the replicas' states.
 
 use vsr::simulator::Simulator;
 
@@ -11,10 +12,13 @@ const SETTLE_LIMIT_NS: u64 = 60_000_000_000;
 fn run_seed(seed: u64) -> Result<String, String> {
     let replica_count = [1, 3, 3, 3, 5][(seed % 5) as usize];
     let mut simulator = Simulator::new(seed, replica_count, 6, 150);
+    simulator.trace = std::env::var_os("VSR_SIM_TRACE").is_some();
     let faults = simulator.faults.clone();
     simulator.run(SIMULATED_RUN_NS);
     let settled = simulator.heal_and_settle(SETTLE_LIMIT_NS);
-    simulator.check()?;
+    simulator
+        .check()
+        .map_err(|error| format!("{error}; at the end: {}", simulator.describe()))?;
     if !settled {
         return Err(format!(
             "did not settle within {} s after healing: {}",
@@ -23,11 +27,12 @@ fn run_seed(seed: u64) -> Result<String, String> {
         ));
     }
     Ok(format!(
-        "seed {seed}: {} replicas, {} acknowledged, {} crashes, {} corruptions, {:?}",
+        "seed {seed}: {} replicas, {} acknowledged, {} crashes, {} corruptions, {} replacements, {:?}",
         replica_count,
         simulator.acknowledged.len(),
         simulator.crashes,
         simulator.corruptions,
+        simulator.replacements,
         faults
     ))
 }

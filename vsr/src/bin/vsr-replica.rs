@@ -1,9 +1,10 @@
 //! `vsr-replica`: one replica of a VSR cluster, over TCP, with its journal in a data directory.
+//! `vsr-replica format` creates the data directory; `vsr-replica start` runs the replica.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use vsr::replica::{Config, Replica};
 use vsr::runtime;
 use vsr::storage::FileStorage;
@@ -11,13 +12,47 @@ use vsr::storage::FileStorage;
 #[derive(Debug, Parser)]
 #[command(version, about = "One replica of a Viewstamped Replication cluster")]
 struct Arguments {
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Debug, Subcommand)]
+enum Commands {
+    /// Create a replica's data directory (journal and superblock), durably.
+    Format(FormatArguments),
+    /// Run a formatted replica: it resumes from its durable state.
+    Start(StartArguments),
+}
+
+#[derive(Debug, clap::Args)]
+struct FormatArguments {
+    /// Cluster id: messages and data directories of other clusters are rejected.
+    #[arg(long, default_value_t = 1)]
+    cluster: u64,
+    /// This replica's index in the cluster.
+    #[arg(long)]
+    replica: u8,
+    #[arg(long)]
+    replica_count: u8,
+    /// Directory for the journal and superblock; created if missing, refused if it already
+    /// holds a replica.
+    #[arg(long)]
+    data: PathBuf,
+    /// Format a replacement for a replica whose data was lost, in a cluster that has data: it
+    /// does not vote until the cluster has told it the current view and log.
+    #[arg(long)]
+    recover: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct StartArguments {
     /// This replica's index into --addresses.
     #[arg(long)]
     replica: u8,
     /// Every replica's address, in replica order: host:port,host:port,…
     #[arg(long)]
     addresses: String,
-    /// Directory for the journal and superblock; created if missing.
+    /// The data directory `vsr-replica format` created.
     #[arg(long)]
     data: PathBuf,
     /// Cluster id: messages and data directories of other clusters are rejected.
@@ -40,8 +75,11 @@ struct Arguments {
 }
 
 fn main() -> ExitCode {
-    let arguments = Arguments::parse();
-    match run(arguments) {
+    let result = match Arguments::parse().command {
+        Commands::Format(arguments) => format(arguments),
+        Commands::Start(arguments) => start(arguments),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("vsr-replica: error: {error:#}");
@@ -50,7 +88,37 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(arguments: Arguments) -> anyhow::Result<()> {
+fn format(arguments: FormatArguments) -> anyhow::Result<()> {
+    let config = Config::new(
+        arguments.cluster,
+        arguments.replica,
+        arguments.replica_count,
+    );
+    config.validate()?;
+    let data = &arguments.data;
+    if data.exists() && !data.is_dir() {
+        anyhow::bail!("--data {}: not a directory", data.display());
+    }
+    let mut storage = FileStorage::create(data)
+        .map_err(|error| anyhow::anyhow!("data directory {}: {error}", data.display()))?;
+    Replica::format(&config, &mut storage, arguments.recover)
+        .map_err(|error| anyhow::anyhow!("data directory {}: {error}", data.display()))?;
+    eprintln!(
+        "vsr-replica: formatted {} as replica {} of {} in cluster {}{}",
+        data.display(),
+        arguments.replica,
+        arguments.replica_count,
+        arguments.cluster,
+        if arguments.recover {
+            " (a replacement: it recovers from the cluster before it votes)"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+fn start(arguments: StartArguments) -> anyhow::Result<()> {
     let addresses = runtime::parse_addresses(&arguments.addresses)?;
     let replica_count = u8::try_from(addresses.len())
         .map_err(|_| anyhow::anyhow!("{} addresses: at most 255 replicas", addresses.len()))?;

@@ -95,6 +95,22 @@ impl Config {
         }
     }
 
+    pub fn validate(&self) -> Result<(), OpenError> {
+        if self.replica_count == 0 || self.replica_count > REPLICAS_MAX {
+            return Err(OpenError::Config(format!(
+                "replica count {} is not in 1..={REPLICAS_MAX}",
+                self.replica_count
+            )));
+        }
+        if self.replica >= self.replica_count {
+            return Err(OpenError::Config(format!(
+                "replica index {} is not below the replica count {}",
+                self.replica, self.replica_count
+            )));
+        }
+        Ok(())
+    }
+
     pub fn quorum(&self) -> usize {
         self.replica_count as usize / 2 + 1
     }
@@ -180,6 +196,8 @@ pub struct Replica<S: Storage> {
     head_checksum: u64,
     /// Highest op executed here; every op up to it is committed.
     commit: u64,
+    /// The checksum of op `commit`'s entry: the tip of the executed chain.
+    commit_checksum: u64,
     /// Highest op this replica knows to be committed anywhere in the cluster.
     commit_max: u64,
     /// Verified entries above `commit`: they chain to the head.
@@ -425,12 +443,22 @@ impl<S: Storage> Replica<S> {
                 )
             });
         }
+        if self.status != Status::Recovering {
+            // Whatever a torn or corrupt stretch of the journal hid, this replica's log no
+            // longer depends on it: erase it before the superblock stops saying "recovering".
+            self.journal.erase_corrupt_runs(&mut self.storage)?;
+        }
         if self.superblock_dirty {
             self.superblock_dirty = false;
             self.superblock.view = self.view;
             self.superblock.log_view = self.log_view;
-            // Never claim a commit the journal cannot replay: executed ops are durable.
-            self.superblock.commit = self.superblock.commit.max(self.commit);
+            self.superblock.recovering = self.status == Status::Recovering;
+            // Never claim a commit the journal cannot replay: executed ops are durable. A
+            // restarted replica may not have executed its durable commit yet: keep that one.
+            if self.commit > self.superblock.commit {
+                self.superblock.commit = self.commit;
+                self.superblock.commit_checksum = self.commit_checksum;
+            }
             superblock::write(&mut self.storage, &mut self.superblock)?;
         }
         Ok(std::mem::take(&mut self.outbox))

@@ -17,6 +17,13 @@ use crate::message::{
 };
 use crate::storage::Storage;
 
+/// Why an op is executed: committed now, or rebuilt from the journal at open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Execution {
+    Commit,
+    Replay,
+}
+
 #[derive(Debug)]
 pub(super) struct PendingReply {
     pub(super) request_number: u64,
@@ -183,6 +190,40 @@ impl<S: Storage> Replica<S> {
         self.commit_primary(now_ns);
     }
 
+    /// A primary that starts or resumes leading a view waits for a quorum again for every op it
+    /// holds above the commit, counting its own vote, and treats their requests as in flight.
+    pub(super) fn adopt_pipeline(&mut self, now_ns: u64) {
+        assert!(self.is_primary());
+        let uncommitted: Vec<u64> = ((self.commit_max + 1)..=self.op).collect();
+        for op in uncommitted {
+            let has_entry = self.entries.contains_key(&op);
+            self.pipeline.votes.insert(
+                op,
+                Votes {
+                    replicas: if has_entry {
+                        1 << self.config.replica
+                    } else {
+                        0
+                    },
+                    prepared_ns: now_ns,
+                    last_sent_ns: now_ns,
+                    quorum_ns: None,
+                },
+            );
+            if let Some(requests) = self
+                .entries
+                .get(&op)
+                .and_then(|entry| decode_batch(&entry.body).ok())
+            {
+                for request in requests {
+                    self.pipeline
+                        .in_flight
+                        .insert(request.client_id, request.request_number);
+                }
+            }
+        }
+    }
+
     pub(super) fn prepare_message(&self, entry: &Entry) -> Message {
         let mut header = self.header(Command::Prepare);
         header.op = entry.op;
@@ -334,7 +375,7 @@ impl<S: Storage> Replica<S> {
             let Some(entry) = self.entries.remove(&op) else {
                 break;
             };
-            self.execute(&entry, now_ns);
+            self.execute(&entry, now_ns, Execution::Commit);
             // An op committed in an earlier view had a quorum then; its voters are not known here.
             self.pipeline.committed_op_votes = self
                 .pipeline
@@ -379,15 +420,22 @@ impl<S: Storage> Replica<S> {
             let Some(entry) = self.entries.remove(&(self.commit + 1)) else {
                 break;
             };
-            self.execute(&entry, now_ns);
+            self.execute(&entry, now_ns, Execution::Commit);
         }
         self.chain_low = self.chain_low.max(self.commit);
     }
 
     /// Executes a committed op: every request against the state machine and client table, and
-    /// on the primary, a reply to every client still connected.
-    pub(super) fn execute(&mut self, entry: &Entry, now_ns: u64) {
+    /// on the primary, a reply to every client still connected. A replayed op (the durable
+    /// prefix rebuilt at open) was committed and counted by an earlier process: it fires no
+    /// execution or eviction probe, so tracers count each commit once across restarts.
+    pub(super) fn execute(&mut self, entry: &Entry, now_ns: u64, execution: Execution) {
         assert_eq!(entry.op, self.commit + 1, "ops execute in order, once");
+        assert_eq!(
+            entry.parent, self.commit_checksum,
+            "ops execute along the chain"
+        );
+        let traced = execution == Execution::Commit;
         let replica_id = self.config.replica;
         let requests = decode_batch(&entry.body).unwrap_or_else(|_| {
             panic!(
@@ -404,7 +452,7 @@ impl<S: Storage> Replica<S> {
                 // Registration changes nothing but the table, so running it again after the
                 // session was evicted is harmless; every later request is at most once.
                 Lookup::New if request_number == REGISTER_REQUEST_NUMBER => {
-                    self.record_session(client_id, request_number, entry.op, Bytes::new());
+                    self.record_session(client_id, request_number, entry.op, Bytes::new(), traced);
                     (ReplyStatus::Ok, Bytes::new())
                 }
                 Lookup::New => {
@@ -415,7 +463,7 @@ impl<S: Storage> Replica<S> {
                         operations_ok += 1;
                     }
                     let reply = result.encode();
-                    self.record_session(client_id, request_number, entry.op, reply.clone());
+                    self.record_session(client_id, request_number, entry.op, reply.clone(), traced);
                     (ReplyStatus::Ok, reply)
                 }
                 Lookup::Evicted => (ReplyStatus::SessionEvicted, Bytes::new()),
@@ -444,8 +492,11 @@ impl<S: Storage> Replica<S> {
             probe::client_reply(|| (replica_id, client_id, request_number, op, latency_ns));
         }
         self.commit = entry.op;
+        self.commit_checksum = entry.checksum;
         let op = entry.op;
-        probe::commit_execute(|| (replica_id, op, operations_ok, operations_failed));
+        if traced {
+            probe::commit_execute(|| (replica_id, op, operations_ok, operations_failed));
+        }
         if !self.reply_latencies_ns.is_empty() {
             let (count, address) = (
                 self.reply_latencies_ns.len() as u32,
@@ -461,11 +512,12 @@ impl<S: Storage> Replica<S> {
         request_number: u64,
         op: u64,
         reply: Bytes,
+        traced: bool,
     ) {
-        if let Some(evicted) = self
+        let evicted = self
             .client_table
-            .record(client_id, request_number, op, reply)
-        {
+            .record(client_id, request_number, op, reply);
+        if let Some(evicted) = evicted.filter(|_| traced) {
             let (replica_id, sessions) = (self.config.replica, self.client_table.len() as u32);
             probe::session_evict(|| (replica_id, evicted, sessions));
         }

@@ -9,12 +9,12 @@ use bytes::Bytes;
 use vsr_probes as probe;
 use vsr_probes::{Command, Component, RejectReason, ReplicaSnapshot, SNAPSHOT_VERSION};
 
-use super::normal::Pipeline;
+use super::normal::{Execution, Pipeline};
 use super::repair::{RepairState, decode_suffix};
 use super::view_change::ViewChangeState;
-use super::{Config, Destination, OpenError, REPLICAS_MAX, Replica, Status};
+use super::{Config, Destination, OpenError, Replica, Status};
 use crate::client_table::ClientTable;
-use crate::journal::{Journal, ReadError};
+use crate::journal::{Journal, JournalScan};
 use crate::kv::KvStore;
 use crate::message::{Entry, Header, Message, encode_entries};
 use crate::storage::Storage;
@@ -39,21 +39,28 @@ pub(super) struct RecoveryState {
 }
 
 impl<S: Storage> Replica<S> {
-    /// Opens the replica's storage. A new data directory starts in normal status in view 0; a
-    /// restarted replica replays its journal up to its durable commit, then recovers.
+    /// Formats a new replica's storage: view 0, an empty log. `recovering` formats a
+    /// replacement for a replica that lost its data: it does not vote until the cluster has
+    /// told it the current view and log, since the replica it replaces may have promised
+    /// (PrepareOk, DoViewChange) what this one no longer holds.
+    pub fn format(config: &Config, storage: &mut S, recovering: bool) -> Result<(), OpenError> {
+        config.validate()?;
+        superblock::format(
+            storage,
+            config.cluster,
+            config.replica,
+            config.replica_count,
+            recovering,
+        )?;
+        Ok(())
+    }
+
+    /// Opens a formatted replica and resumes from its durable state: it replays its committed
+    /// prefix, then takes part at once in its durable view, whatever the rest of the cluster is
+    /// doing (every replica restarting together included). Only a replica that cannot vouch
+    /// for its log (a replacement, or a journal whose head it cannot read) recovers first.
     pub fn open(config: Config, mut storage: S, now_ns: u64) -> Result<Replica<S>, OpenError> {
-        if config.replica_count == 0 || config.replica_count > REPLICAS_MAX {
-            return Err(OpenError::Config(format!(
-                "replica count {} is not in 1..={REPLICAS_MAX}",
-                config.replica_count
-            )));
-        }
-        if config.replica >= config.replica_count {
-            return Err(OpenError::Config(format!(
-                "replica index {} is not below the replica count {}",
-                config.replica, config.replica_count
-            )));
-        }
+        config.validate()?;
         let opened = superblock::open(
             &mut storage,
             config.cluster,
@@ -95,6 +102,7 @@ impl<S: Storage> Replica<S> {
             op: 0,
             head_checksum: 0,
             commit: 0,
+            commit_checksum: 0,
             commit_max: state.commit,
             entries: BTreeMap::new(),
             candidates: BTreeMap::new(),
@@ -114,50 +122,110 @@ impl<S: Storage> Replica<S> {
             reply_latencies_ns: Vec::new(),
             outbox: Vec::new(),
         };
-        replica.replay_journal(state.commit)?;
-        if !opened.formatted {
-            replica.start_recovery(now_ns);
-        }
+        let head_certain = replica.replay_journal(&scan)?;
+        replica.resume(now_ns, head_certain);
         Ok(replica)
     }
 
-    /// Executes the durable committed prefix and loads everything above it as candidates.
-    pub(super) fn replay_journal(&mut self, durable_commit: u64) -> io::Result<()> {
-        let mut trusted = true;
-        for op in 1..=self.journal.op_max() {
-            let entry = match self.journal.read(&mut self.storage, op)? {
-                Ok(entry) => entry,
-                Err(ReadError::Missing | ReadError::Corrupt) => {
-                    trusted = false;
-                    continue;
-                }
+    /// Executes the durable committed prefix, each op only once its successor's parent (or,
+    /// for op `commit`, the superblock) confirms it, so an older record of an op whose newest
+    /// record was lost is never executed as committed. Everything above becomes candidates for
+    /// the chain. Returns whether the journal vouches for its head: only then may this replica
+    /// vote before it has heard from the cluster.
+    fn replay_journal(&mut self, scan: &JournalScan) -> io::Result<bool> {
+        let durable_commit = self.superblock.commit;
+        let op_max = self.journal.op_max();
+        let mut unconfirmed: Option<Entry> = None;
+        let mut op = 1;
+        while op <= durable_commit.min(op_max) {
+            let Ok(entry) = self.journal.read(&mut self.storage, op)? else {
+                break;
             };
-            if op <= durable_commit && trusted && entry.parent == self.head_checksum {
-                self.head_checksum = entry.checksum;
-                self.op = op;
-                self.commit_max = self.commit_max.max(op);
-                self.execute(&entry, 0);
-            } else if op <= durable_commit {
-                // Committed and intact, so it is the committed entry: it anchors the chain for
-                // the corrupt ones below it.
-                self.entries.insert(op, entry);
+            let tip = unconfirmed
+                .as_ref()
+                .map_or(self.commit_checksum, |previous| previous.checksum);
+            if entry.parent != tip {
+                break;
+            }
+            if let Some(previous) = unconfirmed.replace(entry) {
+                self.execute(&previous, 0, Execution::Replay);
+            }
+            op += 1;
+        }
+        if let Some(last) = unconfirmed {
+            if last.op == durable_commit && last.checksum == self.superblock.commit_checksum {
+                self.execute(&last, 0, Execution::Replay);
             } else {
-                self.candidates.insert(op, entry);
+                self.candidates.insert(last.op, last);
             }
         }
-        if let Some((&top, entry)) = self.entries.last_key_value() {
-            self.op = top;
-            self.head_checksum = entry.checksum;
-            self.chain_low = top - 1;
-        } else {
-            self.chain_low = self.op;
+        for op in self.commit + 1..=op_max {
+            if let Ok(entry) = self.journal.read(&mut self.storage, op)? {
+                self.candidates.entry(op).or_insert(entry);
+            }
         }
-        self.walk_chain(0);
-        Ok(())
+        self.op = self.commit;
+        self.head_checksum = self.commit_checksum;
+        self.chain_low = self.commit;
+        let head_certain = scan.corrupt_headers == 0 && op_max >= durable_commit;
+        if self.config.replica_count == 1 {
+            // No peer holds a copy: the log is the longest chain the journal still holds.
+            while let Some(next) = self.candidates.remove(&(self.op + 1)) {
+                if next.parent != self.head_checksum {
+                    break;
+                }
+                self.op = next.op;
+                self.head_checksum = next.checksum;
+                self.entries.insert(next.op, next);
+            }
+            self.candidates.clear();
+            if op_max > self.op {
+                self.journal.truncate(self.op.max(1));
+            }
+            self.chain_low = self.commit;
+            return Ok(true);
+        }
+        if op_max > self.commit {
+            // The newest record is the head; if it cannot be read, its checksum is unknown.
+            let Some(head) = self.candidates.remove(&op_max) else {
+                return Ok(false);
+            };
+            self.op = op_max;
+            self.head_checksum = head.checksum;
+            self.entries.insert(op_max, head);
+            self.chain_low = op_max - 1;
+        }
+        Ok(head_certain)
+    }
+
+    /// Takes part again in the durable view: as its primary (re-collecting votes for the ops it
+    /// holds), as a backup, or in the view change it was in.
+    fn resume(&mut self, now_ns: u64, head_certain: bool) {
+        if self.superblock.recovering || !head_certain {
+            return self.start_recovery(now_ns);
+        }
+        if self.config.replica_count == 1 || self.log_view == self.view {
+            self.log_view = self.view;
+            self.status = Status::Normal;
+            self.last_heard_primary_ns = now_ns;
+            self.walk_chain(now_ns);
+            if self.is_primary() {
+                self.adopt_pipeline(now_ns);
+                self.commit_primary(now_ns);
+            }
+        } else {
+            self.status = Status::ViewChange;
+            self.view_change = ViewChangeState::new(now_ns);
+            self.view_change.start_view_change_votes = 1 << self.config.replica;
+            self.walk_chain(now_ns);
+            self.send_start_view_change(now_ns);
+        }
     }
 
     pub(super) fn start_recovery(&mut self, now_ns: u64) {
         self.status = Status::Recovering;
+        // Until it completes, a restart recovers again, whatever the journal then looks like.
+        self.superblock_dirty = true;
         self.recovery.started_ns = now_ns;
         // Unique per attempt; only needs to differ from earlier attempts of this replica, also
         // those of an earlier process that crashed while recovering.

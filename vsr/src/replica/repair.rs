@@ -23,8 +23,6 @@ pub(super) struct Repair {
 pub(super) struct RepairState {
     /// Ops requested from peers and not yet verified.
     pub(super) pending: BTreeMap<u64, Repair>,
-    /// Round-robin position for requests not aimed at a particular peer.
-    pub(super) peer_next: u8,
 }
 
 impl<S: Storage> Replica<S> {
@@ -127,7 +125,12 @@ impl<S: Storage> Replica<S> {
     }
 
     pub(super) fn send_repair(&mut self, op: u64, to: Option<u8>) {
-        let target = to.unwrap_or_else(|| self.next_repair_peer());
+        let attempts = self
+            .repair
+            .pending
+            .get(&op)
+            .map_or(0, |repair| repair.attempts);
+        let target = to.unwrap_or_else(|| self.repair_peer(op, attempts));
         let mut header = self.header(Command::RequestPrepare);
         header.op = op;
         self.send(
@@ -136,14 +139,15 @@ impl<S: Storage> Replica<S> {
         );
     }
 
-    pub(super) fn next_repair_peer(&mut self) -> u8 {
-        let count = self.config.replica_count;
-        loop {
-            self.repair.peer_next = (self.repair.peer_next + 1) % count;
-            if self.repair.peer_next != self.config.replica || count == 1 {
-                return self.repair.peer_next;
-            }
+    /// The peer asked for `op` on its `attempts`-th retry: each retry of an op asks the next
+    /// peer, whatever else is being repaired (one shared rotation can send every retry of an op
+    /// to the one peer that lacks it).
+    pub(super) fn repair_peer(&self, op: u64, attempts: u64) -> u8 {
+        let peers: Vec<u8> = self.other_replicas().collect();
+        if peers.is_empty() {
+            return self.config.replica;
         }
+        peers[((op + attempts) % peers.len() as u64) as usize]
     }
 
     pub(super) fn on_repair_tick(&mut self, now_ns: u64) {

@@ -8,10 +8,9 @@ use bytes::Bytes;
 use vsr_probes as probe;
 use vsr_probes::{Command, RejectReason, ViewChangeReason};
 
-use super::normal::Votes;
 use super::repair::decode_suffix;
 use super::{Destination, Replica, Status};
-use crate::message::{Entry, Header, Message, decode_batch, encode_entries};
+use crate::message::{Entry, Header, Message, encode_entries};
 use crate::storage::Storage;
 
 /// A replica's log head as it reported it for the new view.
@@ -223,34 +222,7 @@ impl<S: Storage> Replica<S> {
         }
         self.commit_max = self.commit_max.max(commit_max);
         self.enter_normal(now_ns);
-        let uncommitted: Vec<u64> = ((self.commit_max + 1)..=self.op).collect();
-        for op in uncommitted {
-            let has_entry = self.entries.contains_key(&op);
-            self.pipeline.votes.insert(
-                op,
-                Votes {
-                    replicas: if has_entry {
-                        1 << self.config.replica
-                    } else {
-                        0
-                    },
-                    prepared_ns: now_ns,
-                    last_sent_ns: now_ns,
-                    quorum_ns: None,
-                },
-            );
-            if let Some(requests) = self
-                .entries
-                .get(&op)
-                .and_then(|entry| decode_batch(&entry.body).ok())
-            {
-                for request in requests {
-                    self.pipeline
-                        .in_flight
-                        .insert(request.client_id, request.request_number);
-                }
-            }
-        }
+        self.adopt_pipeline(now_ns);
         let start_view = self.start_view_message(commit_min);
         self.broadcast(start_view);
         self.last_sent_to_backups_ns = now_ns;

@@ -23,9 +23,16 @@ fn kill_primary_under_load_then_restart_loses_nothing() {
     std::thread::sleep(Duration::from_secs(2));
     cluster.kill(0);
     cluster.wait_for_log(1, "Normal in view 1", Duration::from_secs(10));
+    let mark = cluster.log_mark(0);
     cluster.start_replica(0);
-    cluster.wait_for_log(0, "Recovering in view 0", Duration::from_secs(10));
-    cluster.wait_for_log(0, "Normal in view 1", Duration::from_secs(20));
+    // Its journal is intact: it resumes in its durable view at once, then follows view 1.
+    cluster.wait_for_log_since(0, mark, "Normal in view 0", Duration::from_secs(10));
+    cluster.wait_for_log_since(0, mark, "Normal in view 1", Duration::from_secs(20));
+    assert!(
+        !cluster.log(0)[mark..].contains("Recovering"),
+        "{}",
+        cluster.log(0)
+    );
     let result = BenchResult::from_child(bench);
     result.assert_verified();
     assert!(
@@ -65,15 +72,89 @@ fn corrupt_journal_entry_is_detected_and_repaired_from_peers() {
         "commits {commits:?}"
     );
     let log = cluster.log(2);
-    let starts: Vec<&str> = log
+    let starts = log
         .lines()
         .filter(|line| line.contains("listening"))
-        .collect();
-    assert_eq!(starts.len(), 2, "{log}");
+        .count();
+    assert_eq!(starts, 2, "{log}");
+}
+
+/// Kills every replica of a cluster under load, as a power loss of the whole cluster would,
+/// and starts them again: the load generator's acknowledged writes all read back.
+fn kill_all_under_load_and_restart(name: &str, replica_count: usize, order: &[&[usize]]) {
+    let mut cluster = Cluster::start(name, replica_count, &["--view-change-timeout-ms", "500"]);
+    let bench = cluster.bench_in_background(&["--duration-s", "8", "--clients", "32", "--verify"]);
+    std::thread::sleep(Duration::from_secs(2));
+    let marks: Vec<usize> = (0..replica_count).map(|r| cluster.log_mark(r)).collect();
+    for step in order {
+        for &replica in *step {
+            if cluster.is_running(replica) {
+                cluster.kill(replica);
+            } else {
+                cluster.start_replica(replica);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    for replica in 0..replica_count {
+        if !cluster.is_running(replica) {
+            cluster.start_replica(replica);
+        }
+    }
+    let result = BenchResult::from_child(bench);
+    result.assert_verified();
+    // Service resumed: writes after the restart were acknowledged, and read back.
+    let after = cluster.bench(&["--duration-s", "1", "--clients", "8", "--verify"]);
+    after.assert_verified();
+    assert!(after.acknowledged > 100, "{}", after.stdout);
+    for (replica, mark) in marks.into_iter().enumerate() {
+        let log = &cluster.log(replica)[mark..];
+        assert!(
+            !log.contains("Recovering"),
+            "an intact replica resumes without recovery: {log}"
+        );
+    }
+}
+
+#[test]
+fn all_replicas_killed_at_once_resume_and_lose_nothing() {
+    kill_all_under_load_and_restart("kill-all", 3, &[&[0, 1, 2]]);
+}
+
+#[test]
+fn overlapping_restarts_resume() {
+    // Replica 2 down; replica 1 killed and restarted while 2 is still down; then 2 back.
+    kill_all_under_load_and_restart("overlapping", 3, &[&[2], &[1], &[1], &[2]]);
+}
+
+#[test]
+fn one_replica_cluster_restarts() {
+    kill_all_under_load_and_restart("solo-restart", 1, &[&[0]]);
+}
+
+#[test]
+fn wiped_replica_reformatted_as_replacement_recovers_before_it_votes() {
+    let mut cluster = Cluster::start("replacement", 3, &[]);
+    let first = cluster.bench(&["--duration-s", "2", "--clients", "16"]);
+    assert!(first.status.success() && first.acknowledged > 0);
+    cluster.kill(2);
+    std::fs::remove_dir_all(cluster.data_directory(2)).unwrap();
+    std::fs::create_dir(cluster.data_directory(2)).unwrap();
+    // An unformatted directory is refused, never taken for a replica that never voted.
+    let mark = cluster.log_mark(2);
+    let refused = cluster.replica_command(2).output().unwrap();
+    assert_clear_failure(&refused, "vsr-replica format");
+    cluster.replace_replica(2);
+    cluster.start_replica(2);
+    cluster.wait_for_log_since(2, mark, "Recovering in view", Duration::from_secs(10));
+    cluster.wait_for_log_since(2, mark, "Normal in view", Duration::from_secs(20));
+    let second = cluster.bench(&["--duration-s", "2", "--clients", "16", "--verify"]);
+    second.assert_verified();
+    std::thread::sleep(Duration::from_millis(300));
+    let commits = cluster.stop_all_and_commits();
     assert!(
-        starts[1].contains("Recovering"),
-        "a restart recovers first: {}",
-        starts[1]
+        commits.iter().all(|commit| *commit == commits[0]),
+        "the replacement caught up: commits {commits:?}"
     );
 }
 
@@ -155,84 +236,68 @@ fn run_replica(arguments: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+fn format(data: &str, replica: &str, cluster: &str) -> std::process::Output {
+    run_replica(&[
+        "format",
+        "--cluster",
+        cluster,
+        "--replica",
+        replica,
+        "--replica-count",
+        "1",
+        "--data",
+        data,
+    ])
+}
+
+fn start(addresses: &str, data: &str, extra: &[&str]) -> std::process::Output {
+    let mut arguments = vec![
+        "start",
+        "--replica",
+        "0",
+        "--addresses",
+        addresses,
+        "--data",
+        data,
+    ];
+    arguments.extend_from_slice(extra);
+    run_replica(&arguments)
+}
+
 #[test]
 fn bad_configuration_gets_a_clear_error() {
     let directory = TestDirectory::new("bad-config");
     let file = directory.0.join("a-file");
     std::fs::write(&file, b"not a directory").unwrap();
-    let addresses = "127.0.0.1:1,127.0.0.1:2,127.0.0.1:3";
     let file_argument = file.to_str().unwrap();
-    assert_clear_failure(
-        &run_replica(&[
-            "--replica",
-            "0",
-            "--addresses",
-            addresses,
-            "--data",
-            file_argument,
-        ]),
-        "not a directory",
-    );
-    let data = directory.0.join("data");
-    let data_argument = data.to_str().unwrap();
-    assert_clear_failure(
-        &run_replica(&[
-            "--replica",
-            "3",
-            "--addresses",
-            addresses,
-            "--data",
-            data_argument,
-        ]),
-        "replica index 3",
-    );
-    assert_clear_failure(
-        &run_replica(&[
-            "--replica",
-            "0",
-            "--addresses",
-            "127.0.0.1",
-            "--data",
-            data_argument,
-        ]),
-        "bad address",
-    );
-
-    // A data directory formatted for one cluster is refused by another.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
     let single = format!("127.0.0.1:{port}");
-    let mut first = std::process::Command::new(replica_binary())
-        .args([
-            "--replica",
-            "0",
-            "--addresses",
-            &single,
-            "--data",
-            data_argument,
-        ])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    testkit::wait_until("the replica to listen", Duration::from_secs(5), || {
-        TcpStream::connect(&single).is_ok()
-    });
-    first.kill().unwrap();
-    first.wait().unwrap();
+    assert_clear_failure(&start(&single, file_argument, &[]), "not a directory");
+    assert_clear_failure(&format(file_argument, "0", "1"), "not a directory");
+
+    // Never formatted: a missing or empty directory is refused, not taken for a new replica.
+    let data = directory.0.join("data");
+    let data_argument = data.to_str().unwrap();
+    assert_clear_failure(&start(&single, data_argument, &[]), "vsr-replica format");
+    std::fs::create_dir(&data).unwrap();
+    assert_clear_failure(&start(&single, data_argument, &[]), "vsr-replica format");
+    assert_clear_failure(&format(data_argument, "3", "1"), "replica index 3");
+    assert_clear_failure(&start("127.0.0.1", data_argument, &[]), "bad address");
+
+    let formatted = format(data_argument, "0", "1");
+    assert!(formatted.status.success(), "{formatted:?}");
+    assert_clear_failure(&format(data_argument, "0", "1"), "already holds a replica");
+    // A data directory formatted for one cluster is refused by another, and by another shape.
     assert_clear_failure(
-        &run_replica(&[
-            "--replica",
-            "0",
-            "--addresses",
-            &single,
-            "--data",
-            data_argument,
-            "--cluster",
-            "2",
-        ]),
+        &start(&single, data_argument, &["--cluster", "2"]),
+        "wrong data directory",
+    );
+    assert_clear_failure(
+        &start(&format!("{single},127.0.0.1:1"), data_argument, &[]),
         "wrong data directory",
     );
 
@@ -244,14 +309,7 @@ fn bad_configuration_gets_a_clear_error() {
     }
     std::fs::write(&superblock, bytes).unwrap();
     assert_clear_failure(
-        &run_replica(&[
-            "--replica",
-            "0",
-            "--addresses",
-            &single,
-            "--data",
-            data_argument,
-        ]),
+        &start(&single, data_argument, &[]),
         "every copy fails its checksum",
     );
 
@@ -259,15 +317,7 @@ fn bad_configuration_gets_a_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken_address = taken.local_addr().unwrap().to_string();
     let fresh = directory.0.join("fresh");
-    assert_clear_failure(
-        &run_replica(&[
-            "--replica",
-            "0",
-            "--addresses",
-            &taken_address,
-            "--data",
-            fresh.to_str().unwrap(),
-        ]),
-        "cannot listen",
-    );
+    let fresh_argument = fresh.to_str().unwrap();
+    assert!(format(fresh_argument, "0", "1").status.success());
+    assert_clear_failure(&start(&taken_address, fresh_argument, &[]), "cannot listen");
 }

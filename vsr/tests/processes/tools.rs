@@ -156,6 +156,8 @@ fn view_change_and_recovery_tools_follow_a_primary_failure() {
     wait_until("a new primary", Duration::from_secs(10), || {
         view_changes.output_so_far().contains("as primary")
     });
+    // Its disk is replaced: only a replica that lost its data runs the recovery protocol.
+    cluster.replace_replica(0);
     cluster.start_replica(0);
     wait_until("recovery of replica 0", Duration::from_secs(20), || {
         recovery.output_so_far().contains("recovered")
