@@ -172,7 +172,8 @@ probes! {
     fn view_change_start(replica_id: u8, view_old: u64, view_new: u64, reason: u8);
     /// Normal status reached in `view`, `latency_ns` after this replica's view change started.
     fn view_change_done(replica_id: u8, view: u64, latency_ns: u64, is_primary: u8);
-    /// A restarted replica began the recovery protocol from its durable `commit`.
+    /// A replica that cannot vouch for its log (a replacement, or a journal header that fails
+    /// its checksum) began the recovery protocol from its durable `commit`.
     fn recovery_start(replica_id: u8, nonce: u64, commit: u64);
     /// Recovery finished: the replica rejoined `view` at `op`, `latency_ns` after it started.
     fn recovery_done(replica_id: u8, view: u64, op: u64, latency_ns: u64);
