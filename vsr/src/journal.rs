@@ -23,6 +23,8 @@ const RECORD_HEADER_SIZE: usize = 56;
 const RECORD_ALIGNMENT: u64 = 8;
 const KIND_ENTRY: u8 = 1;
 const KIND_TRUNCATE: u8 = 2;
+/// Covers a stretch erased after recovery: skipped by the scan, never a gap.
+const KIND_PADDING: u8 = 3;
 const OFFSET_NONE: u64 = u64::MAX;
 
 /// What `Journal::open` found on disk.
@@ -109,12 +111,12 @@ impl RecordHeader {
             entry_checksum: u64_at(40),
             body_size: u32::from_le_bytes(bytes[48..52].try_into().unwrap()),
         };
-        let valid = header.op > 0
-            && match header.kind {
-                KIND_ENTRY => true,
-                KIND_TRUNCATE => header.body_size == 0,
-                _ => false,
-            };
+        let valid = match header.kind {
+            KIND_ENTRY => header.op > 0,
+            KIND_TRUNCATE => header.op > 0 && header.body_size == 0,
+            KIND_PADDING => header.op == 0,
+            _ => false,
+        };
         valid.then_some(header)
     }
 
@@ -141,32 +143,34 @@ impl Journal {
         let mut scan = JournalScan::default();
         let mut offset = 0;
         let mut header_bytes = [0u8; RECORD_HEADER_SIZE];
-        let mut in_corrupt_run = false;
+        // Bytes that decode as no record, since the last record that did: a gap between two
+        // records is corruption (or a torn write out of order) whatever it holds, since records
+        // are written back to back; after the last record only non-zero bytes count.
+        let mut gap: Option<(u64, bool)> = None;
         let mut valid_end = 0;
         while offset + RECORD_HEADER_SIZE as u64 <= size {
             read_exact_at(storage, Zone::Journal, offset, &mut header_bytes)?;
             let Some(header) = RecordHeader::decode(&header_bytes)
                 .filter(|header| offset + header.record_size() <= size)
             else {
-                // Zeros are unwritten space (or erased runs); a window of them that reaches
-                // into the next record must not count as corruption either.
-                if !in_corrupt_run && header_bytes.iter().any(|byte| *byte != 0) {
-                    scan.corrupt_headers += 1;
-                    journal.corrupt_runs.push(CorruptRun {
-                        start: offset,
-                        end: size,
-                        tail: false,
-                    });
-                }
-                in_corrupt_run = true;
+                let nonzero = header_bytes[..RECORD_ALIGNMENT as usize]
+                    .iter()
+                    .any(|byte| *byte != 0);
+                let (start, any_nonzero) = gap.unwrap_or((offset, false));
+                gap = Some((start, any_nonzero || nonzero));
                 offset += RECORD_ALIGNMENT;
                 continue;
             };
-            if in_corrupt_run && let Some(run) = journal.corrupt_runs.last_mut() {
-                run.end = run.end.min(offset);
+            if let Some((start, _)) = gap.take() {
+                scan.corrupt_headers += 1;
+                journal.corrupt_runs.push(CorruptRun {
+                    start,
+                    end: offset,
+                    tail: false,
+                });
             }
-            in_corrupt_run = false;
             match header.kind {
+                KIND_PADDING => {}
                 KIND_TRUNCATE => {
                     journal.truncate_index(header.op);
                     scan.corrupt_ops.retain(|op| *op <= header.op);
@@ -185,12 +189,17 @@ impl Journal {
             offset += header.record_size();
             valid_end = offset;
         }
+        if let Some((start, true)) = gap {
+            scan.corrupt_headers += 1;
+            journal.corrupt_runs.push(CorruptRun {
+                start,
+                end: size,
+                tail: true,
+            });
+        }
         // New records go after the last record that decodes: a torn or corrupt tail is
         // overwritten, never trusted, and never left in front of new records.
         journal.durable_end = valid_end;
-        for run in &mut journal.corrupt_runs {
-            run.tail = run.start >= valid_end;
-        }
         Ok((journal, scan))
     }
 
@@ -278,7 +287,7 @@ impl Journal {
         self.truncate_index(op);
     }
 
-    /// Overwrites with zeros, durably, every run of bytes that decoded as no record at open, so
+    /// Overwrites, durably, every run of bytes that decoded as no record at open, so
     /// that a later open finds a clean journal. Only for a replica that has learned its log
     /// from the cluster since: what such a run hid no longer matters to it.
     pub fn erase_corrupt_runs(&mut self, storage: &mut impl Storage) -> io::Result<()> {
@@ -292,9 +301,23 @@ impl Journal {
             } else {
                 run.start
             };
-            if start < run.end {
-                storage.write_at(Zone::Journal, start, &vec![0u8; (run.end - start) as usize])?;
+            if start >= run.end {
+                continue;
             }
+            let mut bytes = vec![0u8; (run.end - start) as usize];
+            // Between records, a padding record keeps the stretch from reading as a gap.
+            if !run.tail && bytes.len() >= RECORD_HEADER_SIZE {
+                let padding = RecordHeader {
+                    kind: KIND_PADDING,
+                    op: 0,
+                    view: 0,
+                    parent: 0,
+                    entry_checksum: 0,
+                    body_size: (bytes.len() - RECORD_HEADER_SIZE) as u32,
+                };
+                bytes[..RECORD_HEADER_SIZE].copy_from_slice(&padding.encode());
+            }
+            storage.write_at(Zone::Journal, start, &bytes)?;
         }
         storage.sync(Zone::Journal)
     }
@@ -442,6 +465,33 @@ mod tests {
             journal.read(&mut storage, 2).unwrap(),
             Ok(entries[1].clone())
         );
+    }
+
+    #[test]
+    fn a_hole_between_records_is_corruption_and_an_erased_run_is_not() {
+        let entries = chain(6);
+        let mut storage = MemoryStorage::default();
+        let (mut journal, _) = reopen(&mut storage);
+        for entry in &entries {
+            journal.append(entry);
+        }
+        journal.flush(&mut storage).unwrap();
+        let third = journal.offsets[2];
+        let fourth = journal.offsets[3];
+        // A page that never reached the disk: zeros where op 3's record was.
+        storage
+            .write_at(Zone::Journal, third, &vec![0u8; (fourth - third) as usize])
+            .unwrap();
+        storage.sync(Zone::Journal).unwrap();
+        let (mut journal, scan) = reopen(&mut storage);
+        assert_eq!(scan.corrupt_headers, 1, "a zero hole hides a record");
+        journal.erase_corrupt_runs(&mut storage).unwrap();
+        let (_, scan) = reopen(&mut storage);
+        assert_eq!(scan, JournalScan::default(), "the erased run reads clean");
+        // Corruption right after the erased run is still seen.
+        storage.corrupt_byte(Zone::Journal, fourth + 20);
+        let (_, scan) = reopen(&mut storage);
+        assert_eq!(scan.corrupt_headers, 1);
     }
 
     #[test]

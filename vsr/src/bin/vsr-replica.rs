@@ -94,7 +94,8 @@ fn format(arguments: FormatArguments) -> anyhow::Result<()> {
         arguments.replica,
         arguments.replica_count,
     );
-    config.validate()?;
+    // Before anything is created: a refused format leaves no half-made directory behind.
+    config.validate_format(arguments.recover)?;
     let data = &arguments.data;
     if data.exists() && !data.is_dir() {
         anyhow::bail!("--data {}: not a directory", data.display());

@@ -111,6 +111,17 @@ impl Config {
         Ok(())
     }
 
+    /// What `format` checks before it writes anything.
+    pub fn validate_format(&self, recovering: bool) -> Result<(), OpenError> {
+        self.validate()?;
+        if recovering && self.replica_count == 1 {
+            return Err(OpenError::Config(
+                "a 1-replica cluster has no peer to recover from".to_string(),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn quorum(&self) -> usize {
         self.replica_count as usize / 2 + 1
     }
@@ -186,6 +197,8 @@ pub struct Replica<S: Storage> {
     journal: Journal,
     superblock: SuperblockState,
     superblock_dirty: bool,
+    /// Some copy failed its checksum at open: every copy is rewritten once recovered.
+    superblock_damaged: bool,
 
     status: Status,
     view: u64,
@@ -459,7 +472,15 @@ impl<S: Storage> Replica<S> {
                 self.superblock.commit = self.commit;
                 self.superblock.commit_checksum = self.commit_checksum;
             }
-            superblock::write(&mut self.storage, &mut self.superblock)?;
+            let copies = if self.superblock_damaged && self.status != Status::Recovering {
+                self.superblock_damaged = false;
+                superblock::COPIES
+            } else {
+                1
+            };
+            for _ in 0..copies {
+                superblock::write(&mut self.storage, &mut self.superblock)?;
+            }
         }
         Ok(std::mem::take(&mut self.outbox))
     }

@@ -44,7 +44,7 @@ impl<S: Storage> Replica<S> {
     /// told it the current view and log, since the replica it replaces may have promised
     /// (PrepareOk, DoViewChange) what this one no longer holds.
     pub fn format(config: &Config, storage: &mut S, recovering: bool) -> Result<(), OpenError> {
-        config.validate()?;
+        config.validate_format(recovering)?;
         superblock::format(
             storage,
             config.cluster,
@@ -58,7 +58,8 @@ impl<S: Storage> Replica<S> {
     /// Opens a formatted replica and resumes from its durable state: it replays its committed
     /// prefix, then takes part at once in its durable view, whatever the rest of the cluster is
     /// doing (every replica restarting together included). Only a replica that cannot vouch
-    /// for its log (a replacement, or a journal whose head it cannot read) recovers first.
+    /// for its view and log (a replacement, a journal whose head it cannot read, a damaged
+    /// superblock copy) recovers first.
     pub fn open(config: Config, mut storage: S, now_ns: u64) -> Result<Replica<S>, OpenError> {
         config.validate()?;
         let opened = superblock::open(
@@ -96,6 +97,7 @@ impl<S: Storage> Replica<S> {
             journal,
             superblock: state,
             superblock_dirty: false,
+            superblock_damaged: opened.corrupt_copies > 0,
             status: Status::Normal,
             view: state.view,
             log_view: state.log_view,
@@ -122,8 +124,10 @@ impl<S: Storage> Replica<S> {
             reply_latencies_ns: Vec::new(),
             outbox: Vec::new(),
         };
-        let head_certain = replica.replay_journal(&scan)?;
-        replica.resume(now_ns, head_certain);
+        // A damaged superblock copy may have been the newest, acted on before the crash: the
+        // copy that won may be of an older view, so this replica cannot vouch for its view.
+        let state_certain = replica.replay_journal(&scan)? && opened.corrupt_copies == 0;
+        replica.resume(now_ns, state_certain);
         Ok(replica)
     }
 
@@ -200,8 +204,8 @@ impl<S: Storage> Replica<S> {
 
     /// Takes part again in the durable view: as its primary (re-collecting votes for the ops it
     /// holds), as a backup, or in the view change it was in.
-    fn resume(&mut self, now_ns: u64, head_certain: bool) {
-        if self.superblock.recovering || !head_certain {
+    fn resume(&mut self, now_ns: u64, state_certain: bool) {
+        if self.superblock.recovering || (!state_certain && self.config.replica_count > 1) {
             return self.start_recovery(now_ns);
         }
         if self.config.replica_count == 1 || self.log_view == self.view {

@@ -59,6 +59,10 @@ impl<S: Storage> Replica<S> {
                     self.repaired(now_ns, op, RepairStatus::Success);
                     self.journal.append(&candidate);
                     self.entries.insert(op, candidate);
+                    // A primary that lacked an op it is collecting votes for holds it now.
+                    if let Some(votes) = self.pipeline.votes.get_mut(&op) {
+                        votes.replicas |= 1 << self.config.replica;
+                    }
                     self.chain_low -= 1;
                 }
                 Some(_) => {

@@ -286,6 +286,19 @@ fn bad_configuration_gets_a_clear_error() {
     std::fs::create_dir(&data).unwrap();
     assert_clear_failure(&start(&single, data_argument, &[]), "vsr-replica format");
     assert_clear_failure(&format(data_argument, "3", "1"), "replica index 3");
+    assert_clear_failure(
+        &run_replica(&[
+            "format",
+            "--replica",
+            "0",
+            "--replica-count",
+            "1",
+            "--data",
+            data_argument,
+            "--recover",
+        ]),
+        "no peer to recover from",
+    );
     assert_clear_failure(&start("127.0.0.1", data_argument, &[]), "bad address");
 
     let formatted = format(data_argument, "0", "1");
