@@ -137,14 +137,7 @@ impl Cluster {
         if recover {
             command.arg("--recover");
         }
-        let output = loop {
-            match command.output() {
-                Err(error) if error.kind() == std::io::ErrorKind::ExecutableFileBusy => {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                output => break output.unwrap(),
-            }
-        };
+        let output = retry_while_busy(|| command.output());
         assert!(
             output.status.success(),
             "vsr-replica format failed: {}",
@@ -193,25 +186,12 @@ impl Cluster {
             .append(true)
             .open(self.log_path(replica))
             .unwrap();
-        let mut attempts = 0;
-        let child = loop {
-            let spawned = self
-                .replica_command(replica)
+        let child = retry_while_busy(|| {
+            self.replica_command(replica)
                 .stdout(Stdio::null())
                 .stderr(log.try_clone().unwrap())
-                .spawn();
-            match spawned {
-                // The binary was copied a moment ago: a process another test forked meanwhile
-                // still holds the copy's write descriptor until it execs (ETXTBSY).
-                Err(error)
-                    if error.kind() == std::io::ErrorKind::ExecutableFileBusy && attempts < 100 =>
-                {
-                    attempts += 1;
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                spawned => break spawned.unwrap(),
-            }
-        };
+                .spawn()
+        });
         self.children[replica] = Some(child);
         let address = self.addresses[replica];
         wait_until(
@@ -319,6 +299,21 @@ impl Cluster {
 /// A 2 s view-change timeout unless the test sets one: on a loaded 2-core CI machine an
 /// fdatasync can stall the primary past the 500 ms default, and a spurious view change would
 /// make tests that watch one primary flaky.
+/// Runs a command of the test's copy of the replica binary. The copy was made a moment ago: a
+/// process another test forked meanwhile still holds its write descriptor until it execs
+/// (ETXTBSY), so that error is retried for a second.
+fn retry_while_busy<T>(mut run: impl FnMut() -> std::io::Result<T>) -> T {
+    for _ in 0..100 {
+        match run() {
+            Err(error) if error.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            result => return result.unwrap(),
+        }
+    }
+    run().unwrap()
+}
+
 fn with_test_defaults(extra_arguments: &[&str]) -> Vec<String> {
     let mut arguments: Vec<String> = extra_arguments
         .iter()

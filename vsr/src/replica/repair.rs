@@ -147,11 +147,17 @@ impl<S: Storage> Replica<S> {
     /// peer, whatever else is being repaired (one shared rotation can send every retry of an op
     /// to the one peer that lacks it).
     pub(super) fn repair_peer(&self, op: u64, attempts: u64) -> u8 {
-        let peers: Vec<u8> = self.other_replicas().collect();
-        if peers.is_empty() {
+        let peers = u64::from(self.config.replica_count) - 1;
+        if peers == 0 {
             return self.config.replica;
         }
-        peers[((op + attempts) % peers.len() as u64) as usize]
+        // The (op + attempts)-th replica other than this one.
+        let index = ((op + attempts) % peers) as u8;
+        if index < self.config.replica {
+            index
+        } else {
+            index + 1
+        }
     }
 
     pub(super) fn on_repair_tick(&mut self, now_ns: u64) {

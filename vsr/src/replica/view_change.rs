@@ -194,20 +194,13 @@ impl<S: Storage> Replica<S> {
         {
             return;
         }
-        let commit_max = self
+        let (commit_min, commit_max) = self
             .view_change
             .do_view_changes
             .values()
-            .map(|dvc| dvc.commit)
-            .max()
-            .unwrap();
-        let commit_min = self
-            .view_change
-            .do_view_changes
-            .values()
-            .map(|dvc| dvc.commit)
-            .min()
-            .unwrap();
+            .fold((u64::MAX, 0), |(low, high), dvc| {
+                (low.min(dvc.commit), high.max(dvc.commit))
+            });
         let best = self
             .view_change
             .do_view_changes
