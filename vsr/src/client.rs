@@ -26,6 +26,9 @@ pub enum ReplyOutcome {
     Redirect { target: u8 },
     /// The session is gone; start a new one with `Client::renew`.
     Evicted,
+    /// The operation is larger than the cluster accepts: it was dropped, not executed. The
+    /// session stays valid for the next request.
+    TooLarge,
     /// Not for the request in flight (a duplicate or stale reply).
     Ignore,
 }
@@ -133,6 +136,10 @@ impl Client {
             Some(ReplyStatus::SessionEvicted) => {
                 self.pending = None;
                 ReplyOutcome::Evicted
+            }
+            Some(ReplyStatus::TooLarge) => {
+                self.pending = None;
+                ReplyOutcome::TooLarge
             }
             None => ReplyOutcome::Ignore,
         }

@@ -7,6 +7,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 pub const KEY_SIZE_MAX: usize = 256;
 pub const VALUE_SIZE_MAX: usize = 64 * 1024;
+/// The largest valid operation: a put of the largest key and value.
+pub const OPERATION_SIZE_MAX: usize = 3 + KEY_SIZE_MAX + VALUE_SIZE_MAX;
+/// The largest encoded result: a value.
+pub const RESULT_SIZE_MAX: usize = 1 + VALUE_SIZE_MAX;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Operation {

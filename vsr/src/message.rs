@@ -27,6 +27,9 @@ pub enum ReplyStatus {
     NotPrimary = 1,
     /// The client's session was evicted (or never registered): it must start a new session.
     SessionEvicted = 2,
+    /// The request's operation is larger than the cluster accepts (`Config::request_bytes_max`);
+    /// it was not executed and never will be.
+    TooLarge = 3,
 }
 
 impl ReplyStatus {
@@ -35,6 +38,7 @@ impl ReplyStatus {
             0 => Some(ReplyStatus::Ok),
             1 => Some(ReplyStatus::NotPrimary),
             2 => Some(ReplyStatus::SessionEvicted),
+            3 => Some(ReplyStatus::TooLarge),
             _ => None,
         }
     }
@@ -266,12 +270,15 @@ impl Entry {
 }
 
 const ENTRY_PREFIX_SIZE: usize = 36;
+/// The entry or request count that starts an encoded list of entries or a batch.
+pub const LIST_PREFIX_SIZE: usize = 4;
 
 pub fn encode_entries(entries: &[&Entry]) -> Bytes {
-    let size = 4 + entries
-        .iter()
-        .map(|entry| entry.encoded_size())
-        .sum::<usize>();
+    let size = LIST_PREFIX_SIZE
+        + entries
+            .iter()
+            .map(|entry| entry.encoded_size())
+            .sum::<usize>();
     let mut out = BytesMut::with_capacity(size);
     out.put_u32_le(entries.len() as u32);
     for entry in entries {
@@ -329,11 +336,19 @@ pub struct BatchedRequest {
 
 const BATCHED_REQUEST_PREFIX_SIZE: usize = 20;
 
+impl BatchedRequest {
+    /// Bytes this request takes in an encoded batch.
+    pub fn encoded_size(operation_bytes: usize) -> usize {
+        BATCHED_REQUEST_PREFIX_SIZE + operation_bytes
+    }
+}
+
 pub fn encode_batch(requests: &[BatchedRequest]) -> Bytes {
-    let size = 4 + requests
-        .iter()
-        .map(|request| BATCHED_REQUEST_PREFIX_SIZE + request.operation.len())
-        .sum::<usize>();
+    let size = LIST_PREFIX_SIZE
+        + requests
+            .iter()
+            .map(|request| BatchedRequest::encoded_size(request.operation.len()))
+            .sum::<usize>();
     let mut out = BytesMut::with_capacity(size);
     out.put_u32_le(requests.len() as u32);
     for request in requests {

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use crate::client::{Client, ReplyOutcome};
 use crate::client_table::{ClientTable, Lookup};
 use crate::kv::{KvStore, Operation};
-use crate::message::{Message, REGISTER_REQUEST_NUMBER, decode_batch};
+use crate::message::{LIST_PREFIX_SIZE, Message, REGISTER_REQUEST_NUMBER, decode_batch};
 use crate::replica::{Config, Destination, Outgoing, Replica, Source, Status};
 use crate::storage::{Storage, Zone};
 
@@ -291,7 +291,11 @@ impl Simulator {
         };
         config.pipeline_max = 1 + prng.below(8);
         config.batch_bytes_max = 64 + prng.below(4096) as usize;
+        // Some operations (see `random_operation`) are above the limit in some seeds.
+        config.request_bytes_max = (40 + prng.below(200) as usize).min(config.batch_bytes_max - 24);
         config.suffix_max = 2 + prng.below(16);
+        // From "no entry fits" (the whole suffix travels by repair) to tens of entries.
+        config.suffix_bytes_max = LIST_PREFIX_SIZE + prng.below(8192) as usize;
         config.repair_window = 1 + prng.below(16);
         let nodes = (0..replica_count)
             .map(|replica| {
@@ -608,7 +612,11 @@ impl Simulator {
         let operation = match self.prng.below(10) {
             0..=5 => Operation::Put {
                 key,
-                value: Bytes::from(self.prng.next_u64().to_le_bytes().to_vec()),
+                value: Bytes::from(
+                    (0..8 + self.prng.below(72))
+                        .map(|_| self.prng.next_u64() as u8)
+                        .collect::<Vec<u8>>(),
+                ),
             },
             6..=8 => Operation::Get { key },
             _ => Operation::Delete { key },
@@ -730,6 +738,14 @@ impl Simulator {
                 let client = &mut self.clients[index];
                 client.client.renew(client_id);
                 client.operation = None;
+            }
+            ReplyOutcome::TooLarge => {
+                let operation = self.clients[index].operation.take();
+                assert!(
+                    operation
+                        .is_some_and(|operation| operation.len() > self.config.request_bytes_max),
+                    "only an oversized request is refused as too large"
+                );
             }
             ReplyOutcome::Ignore => {}
         }

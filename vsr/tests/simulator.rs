@@ -51,7 +51,17 @@ fn seeded_sweep_keeps_acknowledged_writes_and_agrees() {
     };
     let mut failures = Vec::new();
     for seed in seeds {
-        match run_seed(seed) {
+        // A replica's assertion failing is a failure of this seed: report it with the line
+        // that reruns it, like any other.
+        let outcome = std::panic::catch_unwind(|| run_seed(seed)).unwrap_or_else(|panic| {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|text| text.to_string()))
+                .unwrap_or_default();
+            Err(format!("panicked: {message}"))
+        });
+        match outcome {
             Ok(summary) => eprintln!("{summary}"),
             Err(error) => {
                 eprintln!("seed {seed} FAILED: {error}");

@@ -191,6 +191,8 @@ struct Bench {
     issued: u64,
     retries: u64,
     evictions: u64,
+    /// Requests the cluster refused as larger than its request limit: never executed.
+    too_large: u64,
     verify_queue: Vec<u64>,
     verify_mismatches: Vec<String>,
     verified: u64,
@@ -244,6 +246,7 @@ async fn run(arguments: Arguments) -> anyhow::Result<bool> {
         issued: 0,
         retries: 0,
         evictions: 0,
+        too_large: 0,
         verify_queue: Vec::new(),
         verify_mismatches: Vec::new(),
         verified: 0,
@@ -267,6 +270,13 @@ async fn run(arguments: Arguments) -> anyhow::Result<bool> {
     let load_elapsed = start.elapsed();
     bench.report(load_elapsed);
     bench.write_record()?;
+    anyhow::ensure!(
+        bench.too_large == 0,
+        "the cluster refused {} requests as too large: --value-bytes {} exceeds the replicas' \
+         --request-bytes-max",
+        bench.too_large,
+        bench.arguments.value_bytes
+    );
     if bench.arguments.verify {
         bench.verify_queue = bench.history.keys().copied().collect();
         bench.verifying = true;
@@ -489,6 +499,11 @@ impl Bench {
                 let new_id = self.new_client_id();
                 self.by_client.insert(new_id, index);
                 self.sessions[index].client.renew(new_id);
+            }
+            ReplyOutcome::TooLarge => {
+                // Refused before it was prepared: the key's history does not change.
+                self.too_large += 1;
+                self.sessions[index].pending = None;
             }
             ReplyOutcome::Ignore => {}
         }

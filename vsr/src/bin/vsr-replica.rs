@@ -72,6 +72,10 @@ struct StartArguments {
     pipeline_max: u64,
     #[arg(long, default_value_t = 16 * 1024)]
     client_sessions_max: usize,
+    /// Largest client operation accepted; a larger one is answered "too large", never
+    /// prepared. The default fits the largest valid key-value operation.
+    #[arg(long, default_value_t = vsr::kv::OPERATION_SIZE_MAX)]
+    request_bytes_max: usize,
 }
 
 fn main() -> ExitCode {
@@ -136,6 +140,7 @@ fn start(arguments: StartArguments) -> anyhow::Result<()> {
         config.client_sessions_max > 0,
         "--client-sessions-max must be at least 1"
     );
+    config.request_bytes_max = arguments.request_bytes_max;
     let since_epoch = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();

@@ -33,7 +33,10 @@ use vsr_probes::{
 use crate::client_table::ClientTable;
 use crate::journal::Journal;
 use crate::kv::KvStore;
-use crate::message::{Entry, Header, Message, SENDER_CLIENT};
+use crate::message::{
+    BatchedRequest, Entry, HEADER_SIZE, Header, LIST_PREFIX_SIZE, MESSAGE_SIZE_MAX, Message,
+    SENDER_CLIENT,
+};
 use crate::storage::Storage;
 use crate::superblock::{self, SuperblockError, SuperblockState};
 
@@ -60,8 +63,11 @@ pub struct Config {
     pub snapshot_interval_ns: u64,
     /// Uncommitted ops the primary keeps in flight.
     pub pipeline_max: u64,
-    /// Largest batch of client requests in one op.
+    /// Largest body of one op: a batch of client requests, encoded.
     pub batch_bytes_max: usize,
+    /// Largest operation a client may send; a larger one is answered `TooLarge`, never
+    /// prepared. Fits in one batch, so no op outgrows `batch_bytes_max`.
+    pub request_bytes_max: usize,
     pub request_queue_max: usize,
     pub client_sessions_max: usize,
     /// Missing entries requested at once while repairing.
@@ -69,6 +75,10 @@ pub struct Config {
     /// Entries shipped at most in one DoViewChange, StartView or RecoveryResponse; anything
     /// older is repaired through the hash chain.
     pub suffix_max: u64,
+    /// Body bytes at most of one DoViewChange, StartView or RecoveryResponse: the newest
+    /// entries that fit are shipped, the rest repaired, so a view change is never a message
+    /// too large to deliver.
+    pub suffix_bytes_max: usize,
     /// Different in every process that opens this replica (the runtime takes it from the wall
     /// clock and pid): recovery nonces must not repeat across restarts, and `now_ns` starts
     /// at 0 in every process.
@@ -87,10 +97,12 @@ impl Config {
             snapshot_interval_ns: 500_000_000,
             pipeline_max: 16,
             batch_bytes_max: 256 * 1024,
+            request_bytes_max: crate::kv::OPERATION_SIZE_MAX,
             request_queue_max: 64 * 1024,
             client_sessions_max: 16 * 1024,
             repair_window: 64,
             suffix_max: 64,
+            suffix_bytes_max: 1024 * 1024,
             nonce_entropy: 0,
         }
     }
@@ -106,6 +118,27 @@ impl Config {
             return Err(OpenError::Config(format!(
                 "replica index {} is not below the replica count {}",
                 self.replica, self.replica_count
+            )));
+        }
+        let body_bytes_max = MESSAGE_SIZE_MAX - HEADER_SIZE;
+        if self.batch_bytes_max > body_bytes_max
+            || self.suffix_bytes_max > body_bytes_max
+            || self.suffix_bytes_max < LIST_PREFIX_SIZE
+        {
+            return Err(OpenError::Config(format!(
+                "a batch ({} bytes) and a view change's suffix ({} bytes) must fit in a message \
+                 body of {body_bytes_max} bytes (a suffix takes at least {LIST_PREFIX_SIZE})",
+                self.batch_bytes_max, self.suffix_bytes_max
+            )));
+        }
+        if self.request_bytes_max == 0
+            || LIST_PREFIX_SIZE + BatchedRequest::encoded_size(self.request_bytes_max)
+                > self.batch_bytes_max
+        {
+            return Err(OpenError::Config(format!(
+                "the request limit ({} bytes) must be at least 1 and leave one request, with \
+                 its framing, within a batch of {} bytes",
+                self.request_bytes_max, self.batch_bytes_max
             )));
         }
         Ok(())
@@ -487,6 +520,25 @@ impl<S: Storage> Replica<S> {
 
     // ---------------------------------------------------------------- output
 
+    /// The largest body this replica ever builds for `command`: every message it sends fits
+    /// in a frame its peers accept, whatever the load.
+    fn body_bytes_max(&self, command: Command) -> usize {
+        match command {
+            Command::Prepare => self.config.batch_bytes_max,
+            Command::DoViewChange | Command::StartView | Command::RecoveryResponse => {
+                self.config.suffix_bytes_max
+            }
+            Command::Reply => crate::kv::RESULT_SIZE_MAX,
+            Command::Request
+            | Command::PrepareOk
+            | Command::Commit
+            | Command::StartViewChange
+            | Command::Recovery
+            | Command::RequestPrepare
+            | Command::RequestStartView => 0,
+        }
+    }
+
     pub(super) fn header(&self, command: Command) -> Header {
         let mut header = Header::new(command, self.config.cluster, self.config.replica);
         header.view = self.view;
@@ -516,6 +568,10 @@ impl<S: Storage> Replica<S> {
 
     pub(super) fn send_frame(&mut self, destination: Destination, command: Command, frame: Bytes) {
         let bytes = frame.len();
+        assert!(
+            bytes <= HEADER_SIZE + self.body_bytes_max(command),
+            "a {command:?} of {bytes} bytes exceeds its bound"
+        );
         self.snapshot.count_sent(command, bytes);
         let replica_id = self.config.replica;
         let peer = match destination {

@@ -12,8 +12,8 @@ use super::{Destination, Replica, Status};
 use crate::client_table::Lookup;
 use crate::kv::OperationResult;
 use crate::message::{
-    BatchedRequest, Entry, Header, Message, REGISTER_REQUEST_NUMBER, ReplyStatus, decode_batch,
-    encode_batch,
+    BatchedRequest, Entry, Header, LIST_PREFIX_SIZE, Message, REGISTER_REQUEST_NUMBER, ReplyStatus,
+    decode_batch, encode_batch,
 };
 use crate::storage::Storage;
 
@@ -78,6 +78,11 @@ impl<S: Storage> Replica<S> {
         assert_eq!(message.header.command, Command::Request);
         let header = message.header;
         let replica_id = self.config.replica;
+        // Any replica can tell, whatever its status: the client learns at once that retrying
+        // elsewhere cannot help.
+        if message.body.len() > self.config.request_bytes_max {
+            return self.send_reply(connection, &header, 0, ReplyStatus::TooLarge, Bytes::new());
+        }
         if self.status != Status::Normal {
             return;
         }
@@ -148,10 +153,15 @@ impl<S: Storage> Replica<S> {
             && self.op - self.commit < self.config.pipeline_max
         {
             let mut batch = Vec::new();
-            let mut batch_bytes = 0;
+            let mut batch_bytes = LIST_PREFIX_SIZE;
             while let Some(queued) = self.pipeline.request_queue.front() {
-                let size = queued.operation.len() + 20;
-                if !batch.is_empty() && batch_bytes + size > self.config.batch_bytes_max {
+                let size = BatchedRequest::encoded_size(queued.operation.len());
+                if batch_bytes + size > self.config.batch_bytes_max {
+                    // Never on the first request: `request_bytes_max` keeps one within a batch.
+                    assert!(
+                        !batch.is_empty(),
+                        "a request larger than a batch was queued"
+                    );
                     break;
                 }
                 batch_bytes += size;
@@ -164,6 +174,7 @@ impl<S: Storage> Replica<S> {
                 self.head_checksum,
                 encode_batch(&batch),
             );
+            assert!(entry.body.len() <= self.config.batch_bytes_max);
             let (replica_id, view, op, requests, bytes) = (
                 self.config.replica,
                 self.view,
@@ -437,12 +448,11 @@ impl<S: Storage> Replica<S> {
         );
         let traced = execution == Execution::Commit;
         let replica_id = self.config.replica;
-        let requests = decode_batch(&entry.body).unwrap_or_else(|_| {
-            panic!(
-                "op {} passed its checksum but its batch does not decode",
-                entry.op
-            )
-        });
+        // Only a forged Prepare can carry a body that passes its checksum and does not decode
+        // (a primary encodes every batch). Every replica executes the same bytes, so each one
+        // reads it as no requests: the replicas stay identical, and a committed forgery cannot
+        // stop a replica at every restart.
+        let requests = decode_batch(&entry.body).unwrap_or_default();
         let is_primary = self.is_primary();
         let (mut operations_ok, mut operations_failed) = (0u32, 0u32);
         self.reply_latencies_ns.clear();
@@ -571,5 +581,39 @@ impl<S: Storage> Replica<S> {
             self.broadcast(Message::new(header, Bytes::new()));
             self.last_sent_to_backups_ns = now_ns;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use vsr_probes::Command;
+
+    use super::super::{Config, Replica, Source};
+    use crate::message::{Entry, Header, Message};
+    use crate::simulator::MemoryStorage;
+
+    #[test]
+    fn a_committed_entry_whose_batch_does_not_decode_executes_as_no_requests() {
+        let config = Config::new(1, 1, 3);
+        let mut storage = MemoryStorage::default();
+        Replica::format(&config, &mut storage, false).unwrap();
+        let mut backup = Replica::open(config.clone(), storage, 0).unwrap();
+        // A forged Prepare "from the primary": a valid entry checksum over a body that is no batch.
+        let entry = Entry::new(1, 0, 0, Bytes::from_static(&[0xff; 9]));
+        let mut header = Header::new(Command::Prepare, 1, 0);
+        header.op = entry.op;
+        header.commit = entry.op;
+        header.context = entry.checksum;
+        header.parent = entry.parent;
+        backup.on_message(1, Source::Replica(0), Message::new(header, entry.body));
+        backup.flush(1).unwrap();
+        assert_eq!(backup.commit(), 1, "executed, as every replica would");
+        // The next snapshot tick makes the commit durable, so a restart replays the op.
+        backup.on_tick(2);
+        backup.flush(2).unwrap();
+        // And again when the journal is replayed at the next start.
+        let reopened = Replica::open(config, backup.into_storage(), 0).unwrap();
+        assert_eq!(reopened.commit(), 1);
     }
 }

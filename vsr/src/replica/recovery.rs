@@ -263,28 +263,27 @@ impl<S: Storage> Replica<S> {
             response.commit = self.commit_max.max(self.commit);
             response.context = self.head_checksum;
             response.aux = 1;
+            // Newest first, down to what the recovering replica has or the first op this
+            // replica cannot read: the suffix must end at the head and have no holes.
             let from = header
                 .commit
                 .max(self.op.saturating_sub(self.config.suffix_max));
-            let mut suffix = Vec::new();
-            for op in from + 1..=self.op {
+            let mut newest_first = Vec::new();
+            for op in (from + 1..=self.op).rev() {
                 let entry = if op <= self.commit {
                     match self.journal.read(&mut self.storage, op) {
                         Ok(Ok(entry)) => entry,
-                        _ => {
-                            suffix.clear();
-                            continue;
-                        }
+                        _ => break,
                     }
                 } else if let Some(entry) = self.entries.get(&op) {
                     entry.clone()
                 } else {
-                    suffix.clear();
-                    continue;
+                    break;
                 };
-                suffix.push(entry);
+                newest_first.push(entry);
             }
-            encode_entries(&suffix.iter().collect::<Vec<_>>())
+            let suffix = self.fit_suffix(newest_first.iter());
+            encode_entries(&suffix)
         } else {
             Bytes::new()
         };

@@ -2,6 +2,7 @@
 //! StartViewChange each replica sends the new primary its log head (DoViewChange); the new
 //! primary picks the log of the highest normal view, ties broken by op, and starts the view.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 
 use bytes::Bytes;
@@ -10,7 +11,7 @@ use vsr_probes::{Command, RejectReason, ViewChangeReason};
 
 use super::repair::decode_suffix;
 use super::{Destination, Replica, Status};
-use crate::message::{Entry, Header, Message, encode_entries};
+use crate::message::{Entry, Header, LIST_PREFIX_SIZE, Message, encode_entries};
 use crate::storage::Storage;
 
 /// A replica's log head as it reported it for the new view.
@@ -125,15 +126,29 @@ impl<S: Storage> Replica<S> {
         }
     }
 
-    /// Our verified entries above `after`, newest `suffix_max` at most.
+    /// Our verified entries above `after`: the newest that fit in one view-change message.
     pub(super) fn suffix(&self, after: u64) -> Vec<&Entry> {
-        let low = after
-            .max(self.chain_low)
-            .max(self.op.saturating_sub(self.config.suffix_max));
-        self.entries
-            .range(low + 1..)
-            .map(|(_, entry)| entry)
-            .collect()
+        let low = after.max(self.chain_low);
+        self.fit_suffix(self.entries.range(low + 1..).rev().map(|(_, entry)| entry))
+    }
+
+    /// Of a contiguous run of entries ending at the head, given newest first, the newest that
+    /// fit in one DoViewChange, StartView or RecoveryResponse (`suffix_max` entries and
+    /// `suffix_bytes_max` bytes), oldest first. Older ones travel by repair.
+    pub(super) fn fit_suffix<E: Borrow<Entry>>(
+        &self,
+        newest_first: impl Iterator<Item = E>,
+    ) -> Vec<E> {
+        let mut bytes = LIST_PREFIX_SIZE;
+        let mut suffix: Vec<E> = newest_first
+            .take(self.config.suffix_max as usize)
+            .take_while(|entry| {
+                bytes += entry.borrow().encoded_size();
+                bytes <= self.config.suffix_bytes_max
+            })
+            .collect();
+        suffix.reverse();
+        suffix
     }
 
     pub(super) fn do_view_change_message(&self, do_view_change: &DoViewChange) -> Message {

@@ -1,12 +1,13 @@
 //! A real cluster: `vsr-replica` processes on loopback TCP with journals on disk, driven by
 //! `vsr-bench`, whose own acknowledgements and read-back are the ground truth.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
 use bytes::Bytes;
-use vsr::message::{Entry, Header, Message, SENDER_CLIENT};
+use vsr::client::{Client, ReplyOutcome};
+use vsr::message::{Entry, HEADER_SIZE, Header, Message, SENDER_CLIENT};
 use vsr_probes::Command as Wire;
 
 use testkit::{
@@ -226,6 +227,87 @@ fn full_session_table_evicts_and_never_executes_twice() {
         result.evictions > 0,
         "8 sessions in a table of 4 must evict: {}",
         result.stdout
+    );
+}
+
+/// One client session over a raw connection to `address`, registered.
+fn registered_client(address: std::net::SocketAddr, client_id: u64) -> (Client, TcpStream) {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut client = Client::new(CLUSTER_ID, 3, client_id);
+    stream.write_all(&client.register()).unwrap();
+    let reply = read_reply(&mut stream);
+    assert!(
+        matches!(client.on_reply(&reply), ReplyOutcome::Done { .. }),
+        "{reply:?}"
+    );
+    (client, stream)
+}
+
+fn read_reply(stream: &mut TcpStream) -> Message {
+    let mut header = [0u8; HEADER_SIZE];
+    stream.read_exact(&mut header).unwrap();
+    let header = Header::decode(&header, CLUSTER_ID).unwrap();
+    let mut body = vec![0u8; header.body_size()];
+    stream.read_exact(&mut body).unwrap();
+    Message::from_parts(header, Bytes::from(body)).unwrap()
+}
+
+#[test]
+fn oversized_requests_are_refused_and_a_view_change_carries_the_largest_allowed() {
+    let mut cluster = Cluster::start("oversized", 3, &[]);
+    cluster.wait_for_log(0, "Normal in view 0", Duration::from_secs(5));
+    // Two 9 MiB requests in flight used to make every DoViewChange larger than a frame.
+    let operation = Bytes::from(vec![7u8; 9 * 1024 * 1024]);
+    for client_id in [41, 42] {
+        let (mut client, mut stream) = registered_client(cluster.addresses[0], client_id);
+        stream
+            .write_all(&client.request(operation.clone()))
+            .unwrap();
+        let reply = read_reply(&mut stream);
+        assert_eq!(
+            client.on_reply(&reply),
+            ReplyOutcome::TooLarge,
+            "a 9 MiB operation is refused, not prepared: {reply:?}"
+        );
+        // The session stays usable.
+        stream
+            .write_all(&client.request(Bytes::from_static(b"\x02\x01\x00k")))
+            .unwrap();
+        let reply = read_reply(&mut stream);
+        assert!(
+            matches!(client.on_reply(&reply), ReplyOutcome::Done { .. }),
+            "{reply:?}"
+        );
+    }
+    // The largest valid operations, a full pipeline of them, through a view change.
+    let bench = cluster.bench_in_background(&[
+        "--duration-s",
+        "6",
+        "--clients",
+        "64",
+        "--value-bytes",
+        "65536",
+        "--keys",
+        "256",
+        "--verify",
+    ]);
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.kill(0);
+    cluster.wait_for_log(1, "Normal in view 1", Duration::from_secs(10));
+    let result = BenchResult::from_child(bench);
+    result.assert_verified();
+    // Refused by the replica's own limit, with a clear error from the load generator.
+    let small_limit = Cluster::start("request-limit", 3, &["--request-bytes-max", "100"]);
+    small_limit.wait_for_log(0, "Normal in view 0", Duration::from_secs(5));
+    let refused = small_limit.bench(&["--ops", "10", "--clients", "1", "--value-bytes", "200"]);
+    assert!(!refused.status.success());
+    assert!(
+        refused.stderr.contains("refused 10 requests as too large"),
+        "{}",
+        refused.stderr
     );
 }
 
