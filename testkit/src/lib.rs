@@ -79,6 +79,19 @@ impl Drop for TestDirectory {
     }
 }
 
+/// A listener that accepts connections and discards whatever arrives: a replica's address
+/// routed here cuts that direction of the link, while the sender's connection stays up.
+fn black_hole() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            std::thread::spawn(move || std::io::copy(&mut stream, &mut std::io::sink()));
+        }
+    });
+    address
+}
+
 #[derive(Debug)]
 pub struct Cluster {
     pub directory: TestDirectory,
@@ -88,10 +101,24 @@ pub struct Cluster {
     pub addresses: Vec<SocketAddr>,
     extra_arguments: Vec<String>,
     children: Vec<Option<Child>>,
+    /// A replica whose peers send to a black hole instead of to it: it can send but not
+    /// receive, a half-open link.
+    inbound_cut: Option<(usize, SocketAddr)>,
 }
 
 impl Cluster {
     pub fn start(name: &str, replica_count: usize, extra_arguments: &[&str]) -> Cluster {
+        Self::start_with_inbound_cut(name, replica_count, None, extra_arguments)
+    }
+
+    /// A cluster in which replica `cut`, if any, never hears its peers (their messages to it
+    /// vanish) while everything it sends arrives.
+    pub fn start_with_inbound_cut(
+        name: &str,
+        replica_count: usize,
+        cut: Option<usize>,
+        extra_arguments: &[&str],
+    ) -> Cluster {
         let directory = TestDirectory::new(name);
         let binary = directory.0.join("vsr-replica");
         std::fs::copy(replica_binary(), &binary).unwrap();
@@ -102,6 +129,7 @@ impl Cluster {
             addresses,
             extra_arguments: with_test_defaults(extra_arguments),
             children: (0..replica_count).map(|_| None).collect(),
+            inbound_cut: cut.map(|replica| (replica, black_hole())),
         };
         for replica in 0..replica_count {
             cluster.format_replica(replica, false);
@@ -166,13 +194,20 @@ impl Cluster {
     }
 
     pub fn replica_command(&self, replica: usize) -> Command {
+        let mut addresses = self.addresses.clone();
+        if let Some((cut, black_hole)) = self.inbound_cut
+            && cut != replica
+        {
+            addresses[cut] = black_hole;
+        }
+        let addresses: Vec<String> = addresses.iter().map(ToString::to_string).collect();
         let mut command = Command::new(&self.binary);
         command
             .arg("start")
             .arg("--replica")
             .arg(replica.to_string())
             .arg("--addresses")
-            .arg(self.addresses_argument())
+            .arg(addresses.join(","))
             .arg("--data")
             .arg(self.data_directory(replica))
             .args(&self.extra_arguments);

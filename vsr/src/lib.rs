@@ -8,6 +8,7 @@ pub mod client_table;
 pub mod journal;
 pub mod kv;
 pub mod message;
+pub mod prng;
 pub mod replica;
 pub mod runtime;
 pub mod simulator;

@@ -19,37 +19,9 @@ use crate::client::{Client, ReplyOutcome};
 use crate::client_table::{ClientTable, Lookup};
 use crate::kv::{KvStore, Operation};
 use crate::message::{LIST_PREFIX_SIZE, Message, REGISTER_REQUEST_NUMBER, decode_batch};
+use crate::prng::Prng;
 use crate::replica::{Config, Destination, Outgoing, Replica, Source, Status};
 use crate::storage::{Storage, Zone};
-
-/// SplitMix64: tiny, fast, and good enough to drive fault injection.
-#[derive(Debug, Clone)]
-pub struct Prng(u64);
-
-impl Prng {
-    pub fn new(seed: u64) -> Prng {
-        Prng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..bound`.
-    pub fn below(&mut self, bound: u64) -> u64 {
-        assert!(bound > 0);
-        self.next_u64() % bound
-    }
-
-    /// True with probability `percent` / 100.
-    pub fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
 
 /// In-memory storage with the failure modes of a real disk: writes are volatile until synced,
 /// a crash may tear the last unsynced write, and bytes can rot.
@@ -203,6 +175,22 @@ impl Faults {
     }
 }
 
+/// Which way a partitioned replica is cut off from the other replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    Both,
+    /// It still sends but hears nothing: a half-open link, the case where one replica's view
+    /// changes must not drag the others out of a working view.
+    Inbound,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Partition {
+    replica: u8,
+    until_ns: u64,
+    cut: Cut,
+}
+
 #[derive(Debug)]
 struct InFlight {
     deliver_ns: u64,
@@ -262,7 +250,11 @@ pub struct Simulator {
     nodes: Vec<Node>,
     network: Vec<InFlight>,
     sequence: u64,
-    partitioned: Option<(u8, u64)>,
+    partition: Option<Partition>,
+    /// Per replica: the commit it must reach before a replacement holds the history again.
+    /// Until then it counts against the fault budget like a crashed replica: losing the
+    /// other copies of history while it catches up is more than f faults.
+    catch_up_commit: Vec<u64>,
     clients: Vec<SimClient>,
     next_client_id: u64,
     pub acknowledged: Vec<Acknowledged>,
@@ -301,6 +293,7 @@ impl Simulator {
             .map(|replica| {
                 let config = Config {
                     replica,
+                    nonce_entropy: prng.next_u64(),
                     ..config.clone()
                 };
                 let mut storage = MemoryStorage::default();
@@ -324,7 +317,8 @@ impl Simulator {
             nodes,
             network: Vec::new(),
             sequence: 0,
-            partitioned: None,
+            partition: None,
+            catch_up_commit: vec![0; replica_count as usize],
             clients,
             next_client_id: client_count as u64 + 1,
             acknowledged: Vec::new(),
@@ -343,18 +337,22 @@ impl Simulator {
         self.config.replica_count
     }
 
-    /// Replicas that cannot answer a recovering peer: down, still recovering, or cut off.
+    /// Replicas that cannot answer a recovering peer: down, still recovering, a replacement
+    /// still catching up, or cut off.
     /// Recovery needs f + 1 replicas in normal status, so faults stay within f of these.
     fn faulty_count(&self) -> usize {
         let unavailable = self
             .nodes
             .iter()
-            .filter(|node| match node {
+            .zip(&self.catch_up_commit)
+            .filter(|(node, catch_up_commit)| match node {
                 Node::Down { .. } => true,
-                Node::Up(replica) => replica.status() == Status::Recovering,
+                Node::Up(replica) => {
+                    replica.status() == Status::Recovering || replica.commit() < **catch_up_commit
+                }
             })
             .count();
-        unavailable + self.partitioned.iter().count()
+        unavailable + self.partition.iter().count()
     }
 
     fn f(&self) -> usize {
@@ -374,7 +372,7 @@ impl Simulator {
     /// cluster converged.
     pub fn heal_and_settle(&mut self, limit_ns: u64) -> bool {
         self.faults = Faults::none();
-        self.partitioned = None;
+        self.partition = None;
         for node in &mut self.nodes {
             if let Node::Down { restart_ns, .. } = node {
                 *restart_ns = 0;
@@ -488,25 +486,68 @@ impl Simulator {
             let index = self.prng.below(u64::from(self.replica_count())) as usize;
             self.crash(index, Crash::PowerLoss);
         }
-        if let Some((_, until_ns)) = self.partitioned
-            && self.now_ns >= until_ns
+        if let Some(partition) = self.partition
+            && self.now_ns >= partition.until_ns
         {
-            self.partitioned = None;
+            self.partition = None;
         }
         let partition = self.faults.partition_percent_per_second;
         if partition > 0
-            && self.partitioned.is_none()
+            && self.partition.is_none()
             && self.prng.below(1000) < partition
             && self.faulty_count() < self.f()
         {
             let replica = self.prng.below(u64::from(self.replica_count())) as u8;
-            let duration = 100_000_000 + self.prng.below(2_000_000_000);
-            self.partitioned = Some((replica, self.now_ns + duration));
-            self.trace_event(&format!(
-                "partition replica {replica} for {} ms",
-                duration / 1_000_000
-            ));
+            // Some last long enough for view changes to back off.
+            let duration_max = if self.prng.chance(20) {
+                8_000_000_000
+            } else {
+                2_000_000_000
+            };
+            let duration = 100_000_000 + self.prng.below(duration_max);
+            let cut = if self.prng.chance(30) {
+                Cut::Inbound
+            } else {
+                Cut::Both
+            };
+            self.cut(replica, cut, duration);
         }
+    }
+
+    /// Cuts `replica` off from the other replicas (clients still reach it) for `duration_ns`.
+    pub fn cut(&mut self, replica: u8, cut: Cut, duration_ns: u64) {
+        self.partition = Some(Partition {
+            replica,
+            until_ns: self.now_ns + duration_ns,
+            cut,
+        });
+        self.trace_event(&format!(
+            "partition replica {replica} ({cut:?}) for {} ms",
+            duration_ns / 1_000_000
+        ));
+    }
+
+    /// The view of each replica that is up.
+    pub fn views(&self) -> Vec<Option<u64>> {
+        self.nodes
+            .iter()
+            .map(|node| match node {
+                Node::Up(replica) => Some(replica.view()),
+                Node::Down { .. } => None,
+            })
+            .collect()
+    }
+
+    /// The highest commit of any replica that is up.
+    pub fn commit_max(&self) -> u64 {
+        self.nodes
+            .iter()
+            .filter_map(|node| match node {
+                Node::Up(replica) => Some(replica.commit()),
+                Node::Down { .. } => None,
+            })
+            .max()
+            .unwrap_or(0)
     }
 
     fn crash(&mut self, index: usize, kind: Crash) {
@@ -594,11 +635,13 @@ impl Simulator {
             };
             let config = Config {
                 replica: index as u8,
+                nonce_entropy: self.prng.next_u64(),
                 ..self.config.clone()
             };
             if replaced {
                 Replica::format(&config, &mut storage, true)
                     .unwrap_or_else(|error| panic!("replica {index} failed to format: {error}"));
+                self.catch_up_commit[index] = self.commit_max();
             }
             let replica = Replica::open(config, storage, self.now_ns)
                 .unwrap_or_else(|error| panic!("replica {index} failed to reopen: {error}"));
@@ -657,11 +700,16 @@ impl Simulator {
     }
 
     fn enqueue(&mut self, source: Source, destination: Destination, frame: Bytes) {
-        if let (Some((isolated, _)), Source::Replica(from), Destination::Replica(to)) =
-            (self.partitioned, source, destination)
-            && (from == isolated || to == isolated)
+        if let (Some(partition), Source::Replica(from), Destination::Replica(to)) =
+            (self.partition, source, destination)
         {
-            return;
+            let cut = match partition.cut {
+                Cut::Both => from == partition.replica || to == partition.replica,
+                Cut::Inbound => to == partition.replica,
+            };
+            if cut {
+                return;
+            }
         }
         if self.prng.chance(self.faults.loss_percent) {
             return;

@@ -4,7 +4,7 @@
 //! `VSR_SIM_SEEDS=N` sets the sweep size; `VSR_SIM_SEED=S` reruns one seed, and with
 //! `VSR_SIM_TRACE=1` prints every fault and restart with the replicas' states.
 
-use vsr::simulator::Simulator;
+use vsr::simulator::{Cut, Faults, Simulator};
 
 const SIMULATED_RUN_NS: u64 = 20_000_000_000;
 const SETTLE_LIMIT_NS: u64 = 60_000_000_000;
@@ -70,4 +70,52 @@ fn seeded_sweep_keeps_acknowledged_writes_and_agrees() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// A cluster under steady load with no random faults, in which `replica` stops hearing its
+/// peers for `duration_ns` one simulated second in. Writes must continue through the cut and
+/// the run stay safe; returns the replicas' views at the end of the cut, with a description.
+fn views_after_inbound_cut(seed: u64, replica: u8, duration_ns: u64) -> (Vec<Option<u64>>, String) {
+    let mut simulator = Simulator::new(seed, 3, 6, 100_000);
+    simulator.faults = Faults::none();
+    simulator.run(1_000_000_000);
+    assert_eq!(
+        simulator.views(),
+        vec![Some(0); 3],
+        "{}",
+        simulator.describe()
+    );
+    let commit_before = simulator.commit_max();
+    simulator.cut(replica, Cut::Inbound, duration_ns);
+    simulator.run(duration_ns);
+    assert!(
+        simulator.commit_max() > commit_before + 1000,
+        "writes continued: {} -> {}; {}",
+        commit_before,
+        simulator.commit_max(),
+        simulator.describe()
+    );
+    simulator.check().unwrap();
+    (simulator.views(), simulator.describe())
+}
+
+/// Regression: a backup that can send but not receive (a half-open link) times out on its
+/// primary and asks for a view change again and again; the two replicas that hear the primary
+/// must stay in their view and keep committing, not follow it into a view-change storm.
+#[test]
+fn a_backup_on_a_one_way_link_does_not_move_a_healthy_cluster() {
+    let (views, described) = views_after_inbound_cut(11, 2, 8_000_000_000);
+    assert_eq!((views[0], views[1]), (Some(0), Some(0)), "{described}");
+}
+
+/// Regression: a primary that can send but not receive gets no PrepareOk; if it kept sending
+/// prepares and heartbeats, the backups would never time out and the cluster would stall for
+/// good. It abdicates instead, and the backups elect a new primary.
+#[test]
+fn a_primary_that_cannot_hear_its_backups_abdicates() {
+    let (views, described) = views_after_inbound_cut(12, 0, 6_000_000_000);
+    assert!(
+        views[1] > Some(0) && views[1] == views[2],
+        "the backups changed the view: {described}"
+    );
 }

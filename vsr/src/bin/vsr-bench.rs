@@ -19,8 +19,8 @@ use tokio::sync::mpsc;
 use vsr::client::{Client, ReplyOutcome};
 use vsr::kv::{Operation, OperationResult};
 use vsr::message::Message;
+use vsr::prng::Prng;
 use vsr::runtime::parse_addresses;
-use vsr::simulator::Prng;
 use vsr::transport::{read_frame, spawn_writer};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

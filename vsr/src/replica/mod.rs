@@ -37,6 +37,7 @@ use crate::message::{
     BatchedRequest, Entry, HEADER_SIZE, Header, LIST_PREFIX_SIZE, MESSAGE_SIZE_MAX, Message,
     SENDER_CLIENT,
 };
+use crate::prng::Prng;
 use crate::storage::Storage;
 use crate::superblock::{self, SuperblockError, SuperblockState};
 
@@ -263,6 +264,9 @@ pub struct Replica<S: Storage> {
     /// When a backup last heard its primary; a view change is due after a timeout of silence.
     last_heard_primary_ns: u64,
     view_change: ViewChangeState,
+    /// Jitter for timeouts: seeded per process (`Config::nonce_entropy`), so in the simulator
+    /// a seed replays exactly.
+    prng: Prng,
     recovery: RecoveryState,
     repair: RepairState,
 
@@ -429,7 +433,7 @@ impl<S: Storage> Replica<S> {
         self.assert_invariants();
         let primary = self.config.primary_of(self.view);
         if self.status == Status::Normal && replica == primary && !self.is_primary() {
-            self.start_view_change(now_ns, self.view + 1, ViewChangeReason::PrimaryDisconnected);
+            self.suspect_primary(now_ns, ViewChangeReason::PrimaryDisconnected);
         }
     }
 
@@ -446,10 +450,19 @@ impl<S: Storage> Replica<S> {
         match self.status {
             Status::Normal if self.is_primary() => self.on_primary_tick(now_ns),
             Status::Normal => {
-                if now_ns.saturating_sub(self.last_heard_primary_ns)
-                    > self.config.view_change_timeout_ns
-                {
-                    self.start_view_change(now_ns, self.view + 1, ViewChangeReason::PrimaryTimeout);
+                let silent = now_ns.saturating_sub(self.last_heard_primary_ns)
+                    > self.config.view_change_timeout_ns;
+                let ask_again = self.view_change.suspicion.is_none()
+                    || now_ns.saturating_sub(self.view_change.last_sent_ns)
+                        > self.config.retry_interval_ns;
+                if !silent {
+                    self.view_change.suspicion = None;
+                } else if ask_again {
+                    let reason = self
+                        .view_change
+                        .suspicion
+                        .unwrap_or(ViewChangeReason::PrimaryTimeout);
+                    self.suspect_primary(now_ns, reason);
                 }
             }
             Status::ViewChange => self.on_view_change_tick(now_ns),
@@ -473,7 +486,7 @@ impl<S: Storage> Replica<S> {
     /// Ends a batch of inputs: the primary prepares queued requests, the journal and superblock
     /// become durable (the group commit), and only then are the outputs released.
     pub fn flush(&mut self, now_ns: u64) -> io::Result<Vec<Outgoing>> {
-        if self.is_primary() {
+        if self.is_primary() && !self.primary_abdicating(now_ns) {
             self.prepare_queued(now_ns);
         }
         if self.journal.has_pending() {

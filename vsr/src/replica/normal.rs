@@ -288,7 +288,10 @@ impl<S: Storage> Replica<S> {
             return Ok(());
         }
         if header.view == self.view && from_primary {
-            self.last_heard_primary_ns = now_ns;
+            // A retransmission of an op held here is no sign of a primary that can commit.
+            if entry.op > self.op {
+                self.last_heard_primary_ns = now_ns;
+            }
             self.commit_max = self.commit_max.max(header.commit);
             if entry.op == self.op + 1 && entry.parent == self.head_checksum {
                 let op = entry.op;
@@ -549,6 +552,19 @@ impl<S: Storage> Replica<S> {
         self.send(Destination::Client(connection), Message::new(header, body));
     }
 
+    /// The oldest prepare has waited a view-change timeout for its quorum: the backups are
+    /// gone or cannot reach this primary. It stops heartbeating and preparing new ops, so the
+    /// backups that still hear it time out and change the view instead of being held in a
+    /// view that cannot commit; it keeps retransmitting what lacks votes (a retransmission
+    /// does not count as hearing the primary at a backup that holds the op), so a backup
+    /// that only missed the op can still complete the quorum.
+    pub(super) fn primary_abdicating(&self, now_ns: u64) -> bool {
+        self.pipeline.votes.values().next().is_some_and(|votes| {
+            votes.quorum_ns.is_none()
+                && now_ns.saturating_sub(votes.prepared_ns) > self.config.view_change_timeout_ns
+        })
+    }
+
     pub(super) fn on_primary_tick(&mut self, now_ns: u64) {
         self.assert_invariants();
         let backups_missing: Vec<(u64, u8)> = self
@@ -571,10 +587,10 @@ impl<S: Storage> Replica<S> {
                 }
             }
             self.pipeline.votes.get_mut(&op).unwrap().last_sent_ns = now_ns;
-            self.last_sent_to_backups_ns = now_ns;
         }
-        if now_ns.saturating_sub(self.last_sent_to_backups_ns) >= self.config.heartbeat_interval_ns
-        {
+        let heartbeat_due = now_ns.saturating_sub(self.last_sent_to_backups_ns)
+            >= self.config.heartbeat_interval_ns;
+        if heartbeat_due && !self.primary_abdicating(now_ns) {
             let mut header = self.header(Command::Commit);
             header.commit = self.commit;
             header.op = self.op;

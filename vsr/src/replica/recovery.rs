@@ -17,6 +17,7 @@ use crate::client_table::ClientTable;
 use crate::journal::{Journal, JournalScan};
 use crate::kv::KvStore;
 use crate::message::{Entry, Header, Message, encode_entries};
+use crate::prng::Prng;
 use crate::storage::Storage;
 use crate::superblock;
 
@@ -82,6 +83,8 @@ impl<S: Storage> Replica<S> {
 
         let state = opened.state;
         let quorum_size = config.quorum() as u8;
+        let view_change = ViewChangeState::new(now_ns, config.view_change_timeout_ns);
+        let prng = Prng::new(config.nonce_entropy ^ (u64::from(replica_id) << 56));
         let mut replica = Replica {
             client_table: ClientTable::new(config.client_sessions_max),
             snapshot: ReplicaSnapshot {
@@ -113,7 +116,8 @@ impl<S: Storage> Replica<S> {
             pipeline: Pipeline::new(quorum_size),
             last_sent_to_backups_ns: now_ns,
             last_heard_primary_ns: now_ns,
-            view_change: ViewChangeState::new(now_ns),
+            view_change,
+            prng,
             recovery: RecoveryState {
                 nonce: 0,
                 started_ns: now_ns,
@@ -219,7 +223,7 @@ impl<S: Storage> Replica<S> {
             }
         } else {
             self.status = Status::ViewChange;
-            self.view_change = ViewChangeState::new(now_ns);
+            self.view_change = ViewChangeState::new(now_ns, self.config.view_change_timeout_ns);
             self.view_change.start_view_change_votes = 1 << self.config.replica;
             self.walk_chain(now_ns);
             self.send_start_view_change(now_ns);
@@ -363,6 +367,7 @@ impl<S: Storage> Replica<S> {
         }
         self.commit_max = self.commit_max.max(commit);
         self.status = Status::Normal;
+        self.view_change.reset_for_normal();
         self.log_view = view;
         self.last_heard_primary_ns = now_ns;
         self.superblock_dirty = true;

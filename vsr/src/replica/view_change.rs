@@ -10,7 +10,7 @@ use vsr_probes as probe;
 use vsr_probes::{Command, RejectReason, ViewChangeReason};
 
 use super::repair::decode_suffix;
-use super::{Destination, Replica, Status};
+use super::{Destination, REPLICAS_MAX, Replica, Status};
 use crate::message::{Entry, Header, LIST_PREFIX_SIZE, Message, encode_entries};
 use crate::storage::Storage;
 
@@ -28,44 +28,149 @@ pub(super) struct DoViewChange {
 pub(super) struct ViewChangeState {
     /// When this view change (or the recovery that ends in a view) began.
     pub(super) started_ns: u64,
+    /// How long this view change may take before this replica moves on to the next view:
+    /// doubled with every view change in a row that timed out, plus jitter, so replicas that
+    /// time out together do not stay in step.
+    pub(super) timeout_ns: u64,
+    /// View changes in a row that timed out; reset in normal status.
+    pub(super) attempts: u32,
     /// A bit per replica that asked for this view, own included.
     pub(super) start_view_change_votes: u8,
     pub(super) do_view_change_sent: bool,
     /// On the new primary: the DoViewChange of each replica, own included.
     pub(super) do_view_changes: HashMap<u8, DoViewChange>,
     pub(super) last_sent_ns: u64,
+    /// In normal status: the highest view each replica asked for with a StartViewChange while
+    /// it was itself still normal, if above ours, and when it last asked. A normal replica
+    /// leaves its view only when a quorum asks within a timeout, so one replica that cannot
+    /// hear the primary (a one-way link) cannot drag the others out of a working view.
+    pub(super) requested_views: [RequestedView; REPLICAS_MAX as usize],
+    /// In normal status: this backup has not heard its primary for a timeout, and why; it asks
+    /// for the next view, and counts as one vote for it.
+    pub(super) suspicion: Option<ViewChangeReason>,
 }
 
 impl ViewChangeState {
-    pub(super) fn new(now_ns: u64) -> ViewChangeState {
+    pub(super) fn new(now_ns: u64, timeout_ns: u64) -> ViewChangeState {
         ViewChangeState {
             started_ns: now_ns,
+            timeout_ns,
+            attempts: 0,
             start_view_change_votes: 0,
             do_view_change_sent: false,
             do_view_changes: HashMap::new(),
             last_sent_ns: now_ns,
+            requested_views: [RequestedView::default(); REPLICAS_MAX as usize],
+            suspicion: None,
         }
     }
+
+    /// Normal status reached: what counted toward leaving the old view no longer does.
+    pub(super) fn reset_for_normal(&mut self) {
+        self.attempts = 0;
+        self.requested_views = [RequestedView::default(); REPLICAS_MAX as usize];
+        self.suspicion = None;
+    }
 }
+
+/// A normal replica's request for a later view.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct RequestedView {
+    pub(super) view: u64,
+    pub(super) received_ns: u64,
+}
+
+/// View changes in a row wait at most this many doublings of the view-change timeout.
+const BACKOFF_DOUBLINGS_MAX: u32 = 2;
+/// `aux` of a StartViewChange sent in view-change status; 0 is a normal replica's request.
+const START_VIEW_CHANGE_IN_VIEW_CHANGE: u64 = 1;
 
 impl<S: Storage> Replica<S> {
     pub(super) fn start_view_change(&mut self, now_ns: u64, view: u64, reason: ViewChangeReason) {
         assert!(view > self.view, "views only move forward");
         let (replica_id, view_old) = (self.config.replica, self.view);
         probe::view_change_start(|| (replica_id, view_old, view, reason as u8));
+        // Those who asked for exactly this view while we were normal have voted for it.
+        let mut votes = 1 << self.config.replica;
         if self.status == Status::Normal {
             self.log_view = self.view;
+            for (replica, requested) in self.view_change.requested_views.iter().enumerate() {
+                if requested.view == view && self.request_fresh(now_ns, requested) {
+                    votes |= 1 << replica;
+                }
+            }
         }
         self.view = view;
         self.status = Status::ViewChange;
         self.view_change.started_ns = now_ns;
-        self.view_change.start_view_change_votes = 1 << self.config.replica;
+        self.view_change.timeout_ns = self.view_change_timeout_ns();
+        self.view_change.start_view_change_votes = votes;
         self.view_change.do_view_change_sent = false;
         self.view_change.do_view_changes.clear();
+        self.view_change.requested_views = [RequestedView::default(); REPLICAS_MAX as usize];
+        self.view_change.suspicion = None;
         self.abandon_primary_state();
         self.superblock_dirty = true;
         self.send_start_view_change(now_ns);
         self.maybe_send_do_view_change(now_ns);
+    }
+
+    /// A request for a later view counts while its sender keeps asking: one that heard its
+    /// primary again stops, and its old request must not combine with a later one.
+    fn request_fresh(&self, now_ns: u64, requested: &RequestedView) -> bool {
+        now_ns.saturating_sub(requested.received_ns) <= self.config.view_change_timeout_ns
+    }
+
+    /// The view-change timeout with backoff for the attempts so far, and jitter.
+    pub(super) fn view_change_timeout_ns(&mut self) -> u64 {
+        let base = self.config.view_change_timeout_ns;
+        let doublings = self.view_change.attempts.min(BACKOFF_DOUBLINGS_MAX);
+        (base << doublings) + self.prng.below(base / 2 + 1)
+    }
+
+    /// A normal backup that has not heard its primary: asks for the next view, and leaves its
+    /// own once a quorum asks too.
+    pub(super) fn suspect_primary(&mut self, now_ns: u64, reason: ViewChangeReason) {
+        assert!(self.status == Status::Normal && !self.is_primary());
+        self.view_change.suspicion = Some(reason);
+        self.view_change.last_sent_ns = now_ns;
+        let mut header = self.header(Command::StartViewChange);
+        header.view = self.view + 1;
+        self.broadcast(Message::new(header, Bytes::new()));
+        self.maybe_leave_view(now_ns);
+    }
+
+    /// Leaves the normal view when a quorum, this replica's suspicion included, asks for a
+    /// later one; joins the highest view asked for.
+    fn maybe_leave_view(&mut self, now_ns: u64) {
+        assert_eq!(self.status, Status::Normal);
+        let me = self.config.replica as usize;
+        let asked = self
+            .view_change
+            .requested_views
+            .iter()
+            .enumerate()
+            .filter(|(replica, requested)| {
+                *replica != me
+                    && requested.view > self.view
+                    && self.request_fresh(now_ns, requested)
+            })
+            .map(|(_, requested)| requested.view);
+        // A primary that cannot commit supports leaving its view as much as a backup that
+        // cannot hear it.
+        let abdicating = self.is_primary() && self.primary_abdicating(now_ns);
+        let suspecting =
+            (self.view_change.suspicion.is_some() || abdicating).then_some(self.view + 1);
+        let votes = asked.clone().count() + usize::from(suspecting.is_some());
+        if votes < self.config.quorum() {
+            return;
+        }
+        let view = asked.chain(suspecting).max().unwrap();
+        let reason = self
+            .view_change
+            .suspicion
+            .unwrap_or(ViewChangeReason::HigherView);
+        self.start_view_change(now_ns, view, reason);
     }
 
     /// Clients whose requests were queued here retry against the new primary.
@@ -74,9 +179,13 @@ impl<S: Storage> Replica<S> {
         self.pipeline.clear(self.config.quorum() as u8);
     }
 
+    /// Sent in view-change status: unlike a normal replica's request (`suspect_primary`), it
+    /// says a quorum has left the old view (or an operator asked), so normal replicas join.
     pub(super) fn send_start_view_change(&mut self, now_ns: u64) {
+        assert_eq!(self.status, Status::ViewChange);
         self.view_change.last_sent_ns = now_ns;
-        let header = self.header(Command::StartViewChange);
+        let mut header = self.header(Command::StartViewChange);
+        header.aux = START_VIEW_CHANGE_IN_VIEW_CHANGE;
         self.broadcast(Message::new(header, Bytes::new()));
     }
 
@@ -85,6 +194,22 @@ impl<S: Storage> Replica<S> {
         assert_eq!(header.command, Command::StartViewChange);
         if self.status == Status::Recovering || header.view < self.view {
             return;
+        }
+        if self.status == Status::Normal {
+            if header.view == self.view {
+                // It missed the StartView of the view we are in.
+                return self.send_start_view_to(header.view, header.replica);
+            }
+            // Joined at once: a view change a quorum has begun, or a request from a replica
+            // already normal in a later view than ours, which a quorum has started.
+            let in_view_change = header.aux == START_VIEW_CHANGE_IN_VIEW_CHANGE;
+            if in_view_change || header.view > self.view + 1 {
+                return self.start_view_change(now_ns, header.view, ViewChangeReason::HigherView);
+            }
+            let requested = &mut self.view_change.requested_views[header.replica as usize];
+            requested.view = requested.view.max(header.view);
+            requested.received_ns = now_ns;
+            return self.maybe_leave_view(now_ns);
         }
         if header.view > self.view {
             self.start_view_change(now_ns, header.view, ViewChangeReason::HigherView);
@@ -247,6 +372,7 @@ impl<S: Storage> Replica<S> {
     }
 
     pub(super) fn enter_normal(&mut self, now_ns: u64) {
+        self.view_change.reset_for_normal();
         let (replica_id, view, latency_ns) = (
             self.config.replica,
             self.view,
@@ -321,7 +447,15 @@ impl<S: Storage> Replica<S> {
 
     pub(super) fn on_view_change_tick(&mut self, now_ns: u64) {
         self.assert_invariants();
-        if now_ns.saturating_sub(self.view_change.started_ns) > self.config.view_change_timeout_ns {
+        let quorum_left =
+            self.view_change.start_view_change_votes.count_ones() as usize >= self.config.quorum();
+        // Only a view change that a quorum joined moves on to the next view when it stalls (its
+        // new primary may be gone); one that nobody joined keeps asking for the same view, so a
+        // replica alone never runs its view away from the cluster's.
+        if quorum_left
+            && now_ns.saturating_sub(self.view_change.started_ns) > self.view_change.timeout_ns
+        {
+            self.view_change.attempts += 1;
             return self.start_view_change(
                 now_ns,
                 self.view + 1,

@@ -311,6 +311,23 @@ fn oversized_requests_are_refused_and_a_view_change_carries_the_largest_allowed(
     );
 }
 
+#[test]
+fn a_replica_that_cannot_hear_its_peers_does_not_move_the_cluster() {
+    // Replica 2 sends to its peers but nothing reaches it: it keeps asking for a view change.
+    let cluster = Cluster::start_with_inbound_cut("half-open", 3, Some(2), &[]);
+    cluster.wait_for_log(0, "Normal in view 0", Duration::from_secs(5));
+    let result = cluster.bench(&["--duration-s", "8", "--clients", "16", "--verify"]);
+    result.assert_verified();
+    assert!(result.acknowledged > 1000, "{}", result.stdout);
+    for replica in [0, 1] {
+        let log = cluster.log(replica);
+        assert!(
+            !log.contains("ViewChange in view"),
+            "replica {replica} left its working view: {log}"
+        );
+    }
+}
+
 fn run_replica(arguments: &[&str]) -> std::process::Output {
     std::process::Command::new(replica_binary())
         .args(arguments)
