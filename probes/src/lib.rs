@@ -49,8 +49,12 @@ macro_rules! argument_spec {
 /// Arguments go in the System V argument registers, in order, as `usdt`, `<sys/sdt.h>` and
 /// every tracer expect. The `nop` is the 5-byte form (`0f 1f 44 00 00`) rather than `nop`'s
 /// 1 byte, because Linux ≥ 6.17 rewrites a uprobe on exactly that instruction into a call
-/// to a trampoline instead of a trap: the attached cost per hit halves (docs/benchmarks.md).
-/// `.stapsdt.base` lets tracers detect prelink moving the text after the notes were written.
+/// to a trampoline instead of a trap: the attached cost per hit halves (docs/probes.md).
+/// That `call` pushes a return address below the stack pointer, into the x86-64 red zone, so
+/// the asm must not promise `nostack`: without it the compiler keeps nothing live in the red
+/// zone across the site (it gives the function a frame instead), and the push lands on free
+/// stack. `.stapsdt.base` lets tracers detect prelink moving the text after the notes were
+/// written.
 #[cfg(feature = "probes")]
 macro_rules! probe_site {
     // Every argument has its register: emit the site.
@@ -59,7 +63,8 @@ macro_rules! probe_site {
         [$first_spec:expr $(, $spec:expr)*], [$($value:ident => $register:tt,)+], [$($free:tt)*],
     ) => {
         // SAFETY: the asm only emits a nop and non-allocated note data; it reads the argument
-        // registers as inputs and touches no memory, stack or flags.
+        // registers as inputs and touches no memory or flags. A tracer may push to the stack
+        // at the nop, which is why `nostack` is not promised.
         unsafe {
             ::core::arch::asm!(
                 concat!(
@@ -88,7 +93,7 @@ macro_rules! probe_site {
                 ),
                 semaphore = sym $semaphore,
                 $(in($register) u64::from($value),)+
-                options(att_syntax, nomem, nostack, preserves_flags),
+                options(att_syntax, nomem, preserves_flags),
             );
         }
     };
