@@ -53,8 +53,15 @@ macro_rules! argument_spec {
 /// That `call` pushes a return address below the stack pointer, into the x86-64 red zone, so
 /// the asm must not promise `nostack`: without it the compiler keeps nothing live in the red
 /// zone across the site (it gives the function a frame instead), and the push lands on free
-/// stack. `.stapsdt.base` lets tracers detect prelink moving the text after the notes were
-/// written.
+/// stack.
+///
+/// The note section is linked to the site's code section (`SHF_LINK_ORDER`, the `o` flag), so
+/// a linker that discards the code (`--gc-sections`) discards its notes too, instead of leaving
+/// notes that point at address 0 for every tracer to warn about. The flag needs a symbol in
+/// the code section, and one asm block may be emitted many times in one object (inlining,
+/// unrolling), so the symbol's name is numbered: `.Lvsr_sites` counts the sites of the object
+/// and `.altmacro`'s `%` pastes its value into the name. `.stapsdt.base` lets tracers detect
+/// prelink moving the text after the notes were written.
 #[cfg(feature = "probes")]
 macro_rules! probe_site {
     // Every argument has its register: emit the site.
@@ -69,7 +76,18 @@ macro_rules! probe_site {
             ::core::arch::asm!(
                 concat!(
                     "990: .byte 0x0f, 0x1f, 0x44, 0x00, 0x00\n",
-                    ".pushsection .note.stapsdt, \"\", \"note\"\n",
+                    ".ifndef .Lvsr_sites\n",
+                    ".set .Lvsr_sites, 0\n",
+                    ".endif\n",
+                    ".set .Lvsr_sites, .Lvsr_sites + 1\n",
+                    ".altmacro\n",
+                    ".macro vsr_note_section vsr_site_number\n",
+                    ".Lvsr_site_\\vsr_site_number:\n",
+                    ".pushsection .note.stapsdt, \"o\", \"note\", .Lvsr_site_\\vsr_site_number\n",
+                    ".endm\n",
+                    "vsr_note_section %(.Lvsr_sites)\n",
+                    ".purgem vsr_note_section\n",
+                    ".noaltmacro\n",
                     ".balign 4\n",
                     ".4byte 992f-991f, 994f-993f, 3\n",
                     "991: .asciz \"stapsdt\"\n",
