@@ -49,8 +49,19 @@ macro_rules! argument_spec {
 /// Arguments go in the System V argument registers, in order, as `usdt`, `<sys/sdt.h>` and
 /// every tracer expect. The `nop` is the 5-byte form (`0f 1f 44 00 00`) rather than `nop`'s
 /// 1 byte, because Linux ≥ 6.17 rewrites a uprobe on exactly that instruction into a call
-/// to a trampoline instead of a trap: the attached cost per hit halves (docs/benchmarks.md).
-/// `.stapsdt.base` lets tracers detect prelink moving the text after the notes were written.
+/// to a trampoline instead of a trap: the attached cost per hit halves (docs/probes.md).
+/// That `call` pushes a return address below the stack pointer, into the x86-64 red zone, so
+/// the asm must not promise `nostack`: without it the compiler keeps nothing live in the red
+/// zone across the site (it gives the function a frame instead), and the push lands on free
+/// stack.
+///
+/// The note section is linked to the site's code section (`SHF_LINK_ORDER`, the `o` flag), so
+/// a linker that discards the code (`--gc-sections`) discards its notes too, instead of leaving
+/// notes that point at address 0 for every tracer to warn about. The flag needs a symbol in
+/// the code section, and one asm block may be emitted many times in one object (inlining,
+/// unrolling), so the symbol's name is numbered: `.Lvsr_sites` counts the sites of the object
+/// and `.altmacro`'s `%` pastes its value into the name. `.stapsdt.base` lets tracers detect
+/// prelink moving the text after the notes were written.
 #[cfg(feature = "probes")]
 macro_rules! probe_site {
     // Every argument has its register: emit the site.
@@ -59,12 +70,24 @@ macro_rules! probe_site {
         [$first_spec:expr $(, $spec:expr)*], [$($value:ident => $register:tt,)+], [$($free:tt)*],
     ) => {
         // SAFETY: the asm only emits a nop and non-allocated note data; it reads the argument
-        // registers as inputs and touches no memory, stack or flags.
+        // registers as inputs and touches no memory or flags. A tracer may push to the stack
+        // at the nop, which is why `nostack` is not promised.
         unsafe {
             ::core::arch::asm!(
                 concat!(
                     "990: .byte 0x0f, 0x1f, 0x44, 0x00, 0x00\n",
-                    ".pushsection .note.stapsdt, \"\", \"note\"\n",
+                    ".ifndef .Lvsr_sites\n",
+                    ".set .Lvsr_sites, 0\n",
+                    ".endif\n",
+                    ".set .Lvsr_sites, .Lvsr_sites + 1\n",
+                    ".altmacro\n",
+                    ".macro vsr_note_section vsr_site_number\n",
+                    ".Lvsr_site_\\vsr_site_number:\n",
+                    ".pushsection .note.stapsdt, \"o\", \"note\", .Lvsr_site_\\vsr_site_number\n",
+                    ".endm\n",
+                    "vsr_note_section %(.Lvsr_sites)\n",
+                    ".purgem vsr_note_section\n",
+                    ".noaltmacro\n",
                     ".balign 4\n",
                     ".4byte 992f-991f, 994f-993f, 3\n",
                     "991: .asciz \"stapsdt\"\n",
@@ -88,7 +111,7 @@ macro_rules! probe_site {
                 ),
                 semaphore = sym $semaphore,
                 $(in($register) u64::from($value),)+
-                options(att_syntax, nomem, nostack, preserves_flags),
+                options(att_syntax, nomem, preserves_flags),
             );
         }
     };

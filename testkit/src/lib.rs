@@ -11,8 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 mod observer;
+mod sites;
 
 pub use observer::{Metrics, Prometheus, Serve, free_address, http_get};
+pub use sites::{RedZoneReport, note_locations, red_zone_sites};
 
 static NEXT_DIRECTORY: AtomicU64 = AtomicU64::new(0);
 

@@ -4,8 +4,9 @@
 //!
 //! Follows libbpf's reading of the format. Addresses are translated through the program
 //! headers, never assumed equal to file offsets (with rust-lld they differ by a page). Notes
-//! whose address lies in no executable segment — left behind by the linker for code it
-//! discarded — are skipped and counted, not attached.
+//! that describe no live site are reported as dead, not attached: those whose address lies in
+//! no executable segment (left behind by a linker for code it discarded), and those whose
+//! address holds no `nop` (a uprobe there would replace part of a real instruction).
 
 use std::path::Path;
 
@@ -56,12 +57,38 @@ pub struct Site {
     pub arguments: Vec<ArgSpec>,
 }
 
+/// Why a note describes no live site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadReason {
+    /// The address is in no executable segment: code the linker discarded.
+    NotInCode,
+    /// The bytes at the address are not a `nop`: not a probe site.
+    NotANop,
+}
+
+impl std::fmt::Display for DeadReason {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(match self {
+            DeadReason::NotInCode => "not in an executable segment",
+            DeadReason::NotANop => "no nop at the address",
+        })
+    }
+}
+
+/// A note that is not attached, kept so that `vsrscope list` can show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadNote {
+    pub provider: String,
+    pub name: String,
+    pub address: u64,
+    pub reason: DeadReason,
+}
+
 /// Everything found in one file.
 #[derive(Debug, Default)]
 pub struct Discovery {
     pub sites: Vec<Site>,
-    /// Notes pointing outside every executable segment (code the linker dropped).
-    pub skipped_dead_sites: usize,
+    pub dead_notes: Vec<DeadNote>,
 }
 
 impl Discovery {
@@ -182,9 +209,24 @@ pub fn discover(data: &[u8], path: &str) -> Result<Discovery, UsdtError> {
             Some(base) if note_base != 0 => note_address.wrapping_add(base).wrapping_sub(note_base),
             _ => note_address,
         };
-        let Some(offset) = file_offset(address, true) else {
-            discovery.skipped_dead_sites += 1;
-            continue;
+        let live = match file_offset(address, true) {
+            None => Err(DeadReason::NotInCode),
+            Some(offset) if !is_nop(data.get(offset as usize..).unwrap_or_default()) => {
+                Err(DeadReason::NotANop)
+            }
+            Some(offset) => Ok(offset),
+        };
+        let offset = match live {
+            Ok(offset) => offset,
+            Err(reason) => {
+                discovery.dead_notes.push(DeadNote {
+                    provider,
+                    name,
+                    address,
+                    reason,
+                });
+                continue;
+            }
         };
         let semaphore_offset = if semaphore_address == 0 {
             0
@@ -217,6 +259,17 @@ pub fn discover(data: &[u8], path: &str) -> Result<Discovery, UsdtError> {
         });
     }
     Ok(discovery)
+}
+
+/// Whether `code` starts with an x86-64 `nop`: `90` (`<sys/sdt.h>`, the `usdt` crate, the first
+/// byte of Linux 7.2's `nop; nop10` site) or a multi-byte `0f 1f` form (our 5-byte site), with
+/// or without operand-size prefixes.
+fn is_nop(code: &[u8]) -> bool {
+    let unprefixed = code
+        .iter()
+        .position(|byte| *byte != 0x66)
+        .unwrap_or(code.len());
+    matches!(&code[unprefixed..], [0x90, ..] | [0x0f, 0x1f, ..])
 }
 
 /// Offsets of x86-64 registers in the kernel's `struct pt_regs`, by every name an argument spec
@@ -371,6 +424,23 @@ mod tests {
         }
         let (index, spec, _) = parse_arguments("8@%rdi 8@%xmm1").unwrap_err();
         assert_eq!((index, spec.as_str()), (1, "8@%xmm1"));
+    }
+
+    #[test]
+    fn nops_are_sites_and_other_code_is_not() {
+        let nops: [&[u8]; 4] = [
+            &[0x90, 0xc3],
+            &[0x0f, 0x1f, 0x44, 0x00, 0x00],
+            &[0x66, 0x0f, 0x1f, 0x44, 0x00, 0x00],
+            &[0x66, 0x90],
+        ];
+        for code in nops {
+            assert!(is_nop(code), "{code:02x?}");
+        }
+        let other: [&[u8]; 5] = [&[], &[0x66], &[0xc3], &[0x48, 0x89, 0xe5], &[0x0f, 0x05]];
+        for code in other {
+            assert!(!is_nop(code), "{code:02x?}");
+        }
     }
 
     #[test]

@@ -236,11 +236,17 @@ fn list(binary: Option<PathBuf>, pid: Option<u32>) -> anyhow::Result<()> {
     }
     let base = pid.map(process::load_base).transpose()?;
     println!(
-        "{}: {} sites ({} dead notes skipped)",
+        "{}: {} sites, {} dead notes",
         binary.display(),
         discovery.sites.len(),
-        discovery.skipped_dead_sites
+        discovery.dead_notes.len()
     );
+    for dead in &discovery.dead_notes {
+        println!(
+            "dead note {}:{} at {:#x}: {}, not attached",
+            dead.provider, dead.name, dead.address, dead.reason
+        );
+    }
     println!(
         "{:<28} {:>12} {:>12} {:>10} {:>9}  arguments",
         "probe", "address", "file offset", "semaphore", "enabled"

@@ -584,11 +584,9 @@ fn c_probes_at_o0_and_o2_decode_stack_register_and_constant_arguments() {
 
 #[test]
 fn replica_sites_translate_to_nops_with_rust_lld_and_gnu_ld() {
-    assert!(assert_sites_are_nops(&testkit::replica_binary(), NOP5) > 20);
-    let gnu_ld = std::env::var("VSR_GNU_LD_REPLICA")
-        .expect("scripts/test builds the replica with GNU ld and sets VSR_GNU_LD_REPLICA");
-    let gnu_ld = Path::new(&gnu_ld);
-    assert!(assert_sites_are_nops(gnu_ld, NOP5) > 20);
+    let [rust_lld, gnu_ld] = replica_builds();
+    assert!(assert_sites_are_nops(&rust_lld, NOP5) > 20);
+    assert!(assert_sites_are_nops(&gnu_ld, NOP5) > 20);
     let names = |binary: &Path| {
         vsrscope::usdt::discover_file(binary)
             .unwrap()
@@ -597,7 +595,77 @@ fn replica_sites_translate_to_nops_with_rust_lld_and_gnu_ld() {
             .map(String::from)
             .collect::<Vec<_>>()
     };
-    assert_eq!(names(gnu_ld), names(&testkit::replica_binary()));
+    assert_eq!(names(&gnu_ld), names(&rust_lld));
+}
+
+/// The replica built by rust-lld and the one built by GNU ld (scripts/test sets its path).
+fn replica_builds() -> [PathBuf; 2] {
+    let gnu_ld = std::env::var("VSR_GNU_LD_REPLICA")
+        .expect("scripts/test builds the replica with GNU ld and sets VSR_GNU_LD_REPLICA");
+    [testkit::replica_binary(), PathBuf::from(gnu_ld)]
+}
+
+/// Every note of the replica describes a live site: notes of code the linker discarded go with
+/// it, so vsrscope lists no dead note and bpftrace has none to warn about (`WARNING: invalid
+/// address … for probe`). Counted against `readelf`, which lists every note, dead or not.
+#[test]
+fn replica_notes_all_describe_live_sites() {
+    for binary in replica_builds() {
+        let discovery = vsrscope::usdt::discover_file(&binary).unwrap();
+        assert_eq!(
+            discovery.sites.len(),
+            testkit::note_locations(&binary).len(),
+            "{}: {:?}",
+            binary.display(),
+            discovery.dead_notes
+        );
+        let list = vsrscope(&["list", "--binary", binary.to_str().unwrap()]);
+        let stdout = String::from_utf8_lossy(&list.stdout);
+        assert!(list.status.success(), "{list:?}");
+        assert!(
+            stdout.lines().next().unwrap().ends_with(", 0 dead notes")
+                && !stdout.contains("dead note "),
+            "{stdout}"
+        );
+        let probes = format!("usdt:{}:vsr:*", binary.display());
+        let listing = Command::new("bpftrace")
+            .args(["-l", &probes])
+            .output()
+            .unwrap();
+        let one_liner = Command::new("bpftrace")
+            .arg("-e")
+            .arg(format!(
+                "{probes} {{ @hits[probe] = count(); }} BEGIN {{ exit(); }}"
+            ))
+            .output()
+            .unwrap();
+        for output in [&listing, &one_liner] {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(output.status.success(), "{output:?}");
+            assert!(!stderr.contains("invalid address"), "{stderr}");
+        }
+        assert!(
+            String::from_utf8_lossy(&listing.stdout).contains(":vsr:state_snapshot"),
+            "{listing:?}"
+        );
+    }
+}
+
+/// No probe site of the replica sits in a function that keeps data below `%rsp`, where an
+/// attached uprobe's trampoline call writes (probes/tests/red_zone.rs shows the damage).
+#[test]
+fn replica_probe_sites_are_not_in_red_zone_code() {
+    for binary in replica_builds() {
+        let report = testkit::red_zone_sites(&binary);
+        let sites = vsrscope::usdt::discover_file(&binary).unwrap().sites.len();
+        assert_eq!(report.checked, sites, "{}", binary.display());
+        assert!(
+            report.offending.is_empty(),
+            "{}:\n{}",
+            binary.display(),
+            report.offending.join("\n")
+        );
+    }
 }
 
 #[test]
