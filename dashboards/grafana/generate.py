@@ -73,6 +73,7 @@ def targets(*pairs):
 
 STATUS_MAPPINGS = [
     {"type": "value", "options": {
+        "-1": {"text": "down", "color": "red"},
         "0": {"text": "normal", "color": "green"},
         "1": {"text": "view change", "color": "orange"},
         "2": {"text": "recovering", "color": "orange"},
@@ -109,9 +110,14 @@ def histogram_quantile(name, title):
 DASHBOARDS = {
     "vsr-cluster-overview": ("VSR cluster overview", [
         row("Cluster"),
-        stat("Replica status", targets((f'vsr_replica_status{{{R}}}', "replica {{replica_id}}")), mappings=STATUS_MAPPINGS,
-             description="0 normal, 1 view change, 2 recovering, 3 state transfer."),
-        stat("Cluster size / quorum", targets(("max(vsr_cluster_size)", "cluster size"), ("max(vsr_quorum_size)", "quorum"))),
+        # A down replica has no status gauge; a stat panel would show its last one as current.
+        stat("Replica status", targets((f'(vsr_replica_status{{{R}}} + 0) or (vsr_replica_up{{{R}}} - 1)', "replica {{replica_id}}")),
+             mappings=STATUS_MAPPINGS,
+             description="-1 down (process gone or its snapshots stale: vsr_replica_up 0), 0 normal, 1 view change, "
+                         "2 recovering, 3 state transfer."),
+        stat("Replicas up / cluster size / quorum", targets(
+            ("sum(vsr_replica_up)", "up"), ("max(vsr_cluster_size)", "cluster size"), ("max(vsr_quorum_size)", "quorum")),
+             description="Fewer replicas up than the quorum: writes stall (Quorum Lost)."),
         stat("Quorum votes of the newest op", targets(("max(vsr_prepare_ok_votes)", "votes")),
              description="The primary's PrepareOk votes; below the quorum, writes stall (Quorum Lost)."),
         timeseries("View and commit progress", targets(
@@ -234,8 +240,9 @@ def dashboard(uid, title, panels):
         "time": {"from": "now-30m", "to": "now"},
         "templating": {"list": [{
             "name": "replica", "label": "Replica", "type": "query", "datasource": DATASOURCE,
-            "query": {"query": "label_values(vsr_replica_status, replica_id)", "refId": "replica"},
-            "definition": "label_values(vsr_replica_status, replica_id)",
+            # vsr_replica_up keeps a series for a down replica, whose other gauges are gone.
+            "query": {"query": "label_values(vsr_replica_up, replica_id)", "refId": "replica"},
+            "definition": "label_values(vsr_replica_up, replica_id)",
             "refresh": 2, "includeAll": True, "multi": True, "allValue": ".*",
             "current": {"selected": True, "text": ["All"], "value": ["$__all"]}, "sort": 3,
         }]},

@@ -13,9 +13,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use vsrscope::attach::{SEED_BOUNDS_MS, Tracer};
+use vsrscope::liveness::{Liveness, STALE_MARGIN, clock_ns};
 use vsrscope::metrics::{
-    ExporterState, Family, HISTOGRAMS, PushCounts, QuantileWindow, Reading, Resources, families,
-    prometheus_text,
+    ExporterState, Family, HISTOGRAMS, Published, PushCounts, QuantileWindow, Reading, Resources,
+    families, prometheus_text,
 };
 use vsrscope::otlp::{OtlpEncoder, OtlpExporter, OtlpFlags, OtlpSettings, ReplicaProcess};
 use vsrscope::statsd::StatsdEncoder;
@@ -106,6 +107,10 @@ enum Command {
         /// Quantile gauges (_p50, _p95, _p99) cover this many seconds.
         #[arg(long, default_value_t = 60)]
         quantile_window_s: u64,
+        /// The replicas' --snapshot-interval-ms: a replica whose newest snapshot is older than
+        /// this plus 1 s is reported down (vsr_replica_up 0), as is one whose process is gone.
+        #[arg(long, default_value_t = 500)]
+        snapshot_interval_ms: u64,
         /// Attach only while scrapes keep coming: at the first scrape, and detach after
         /// --idle-timeout-s without one. Counters stay monotonic across re-attach.
         #[arg(long)]
@@ -156,6 +161,7 @@ fn main() -> ExitCode {
             targets,
             listen,
             quantile_window_s,
+            snapshot_interval_ms,
             on_demand,
             idle_timeout_s,
             buckets,
@@ -190,6 +196,7 @@ fn main() -> ExitCode {
             let options = ServeOptions {
                 listen,
                 window: Duration::from_secs(quantile_window_s),
+                stale_after: Duration::from_millis(snapshot_interval_ms) + STALE_MARGIN,
                 idle_timeout: on_demand.then(|| Duration::from_secs(idle_timeout_s)),
                 bounds_ms,
                 program_run_time,
@@ -365,23 +372,25 @@ fn attach(targets: &Targets) -> anyhow::Result<(Tracer, Vec<String>)> {
     Ok((tracer, described))
 }
 
-/// Per-process counters from /proc, for rates between two samples.
+/// Per-process counters from /proc, for rates between two samples of the same process.
 #[derive(Debug, Clone, Copy)]
 struct ProcessSample {
     at: Instant,
+    /// The process sampled: its pid and start since boot.
+    process: (u32, u64),
     cpu_ticks: u64,
     write_bytes: u64,
     journal_writes: u64,
     network_bytes: u64,
 }
 
+/// Samples the process holding `pid` if `is_publisher(its start since boot)`, else nothing.
 fn sample_process(
     pid: u32,
+    is_publisher: impl Fn(u64) -> bool,
     journal_writes: u64,
     network_bytes: u64,
 ) -> Option<(ProcessSample, u64)> {
-    let fields = process::stat_fields(pid).ok()?;
-    let cpu_ticks = fields.get(11)? + fields.get(12)?;
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
     let resident_pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
@@ -389,10 +398,19 @@ fn sample_process(
         .lines()
         .find_map(|line| line.strip_prefix("write_bytes: "))
         .and_then(|v| v.trim().parse().ok())?;
+    // Read last: a pid never returns to an earlier process, so if it still belongs to the
+    // publisher here, the files above were the publisher's too.
+    let fields = process::stat_fields(pid).ok()?;
+    let started_ns = fields.get(process::START_TICKS)? * process::tick_ns();
+    if !is_publisher(started_ns) {
+        return None;
+    }
+    let cpu_ticks = fields.get(11)? + fields.get(12)?;
     // SAFETY: sysconf has no preconditions.
     let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
     let sample = ProcessSample {
         at: Instant::now(),
+        process: (pid, started_ns),
         cpu_ticks,
         write_bytes,
         journal_writes,
@@ -427,6 +445,12 @@ struct Shared {
     last_scrape: Instant,
     bounds_ms: Vec<Vec<f64>>,
     window: QuantileWindow,
+    /// A replica whose newest snapshot is older than this is down.
+    stale_after: Duration,
+    /// When the tracer last attached (`CLOCK_MONOTONIC`).
+    attached_ns: u64,
+    /// Every replica that ever published a snapshot, and whether it is up.
+    up: BTreeMap<u32, bool>,
     samples: BTreeMap<u32, ProcessSample>,
     resources: BTreeMap<u32, Resources>,
     state: ExporterState,
@@ -440,6 +464,7 @@ impl Shared {
             for target in attach_plan(&mut self.tracer, &self.plan)? {
                 eprintln!("vsrscope: attached to {target}");
             }
+            self.attached_ns = clock_ns(libc::CLOCK_MONOTONIC);
             self.state.attached_sites = self.tracer.attached_sites();
         }
         Ok(())
@@ -465,14 +490,16 @@ impl Shared {
             reading,
             &self.window,
             &self.bounds_ms,
+            &self.up,
             &self.resources,
             &self.state,
         )
     }
 
-    /// Reads the maps; keeps the quantile window and the resource rates current.
+    /// Reads the maps; keeps the quantile window, liveness and the resource rates current. The
+    /// reading keeps only the snapshots of replicas that are up.
     fn sample(&mut self) -> Option<Reading> {
-        let reading = match Reading::read(self.tracer.ebpf()) {
+        let mut reading = match Reading::read(self.tracer.ebpf()) {
             Ok(reading) => reading,
             Err(error) => {
                 self.state.map_read_errors += 1;
@@ -488,21 +515,42 @@ impl Shared {
             .into_iter()
             .map(|(program, runs, time)| (program, runs, time.as_secs_f64()))
             .collect();
-        for (replica, (snapshot, pid)) in &reading.snapshots {
+        let liveness = Liveness::now(self.attached_ns, self.stale_after);
+        for (replica, published) in &reading.snapshots {
+            let started_ns = process::start_since_boot_ns(published.pid).ok();
+            self.up
+                .insert(*replica, liveness.is_up(published.published_ns, started_ns));
+        }
+        // A dead replica's last snapshot and resources must not pass for its current state.
+        reading.snapshots.retain(|replica, _| self.up[replica]);
+        self.samples
+            .retain(|replica, _| reading.snapshots.contains_key(replica));
+        self.resources
+            .retain(|replica, _| reading.snapshots.contains_key(replica));
+        for (replica, published) in &reading.snapshots {
             let journal_writes = reading
                 .counters
                 .get(replica)
                 .map_or(0, |c| c[vsrscope_common::counter::JOURNAL_WRITES]);
             let Some((current, memory)) = sample_process(
-                *pid,
+                published.pid,
+                |started_ns| liveness.published_by(published.published_ns, Some(started_ns)),
                 journal_writes,
-                snapshot.bytes_sent + snapshot.bytes_received,
+                published.snapshot.bytes_sent + published.snapshot.bytes_received,
             ) else {
+                self.samples.remove(replica);
+                self.resources.remove(replica);
                 continue;
             };
-            if let Some(previous) = self.samples.get(replica) {
-                self.resources
-                    .insert(*replica, resources(previous, &current, memory));
+            match self.samples.get(replica) {
+                Some(previous) if previous.process == current.process => {
+                    self.resources
+                        .insert(*replica, resources(previous, &current, memory));
+                }
+                // A restarted replica: no rate spans two processes.
+                _ => {
+                    self.resources.remove(replica);
+                }
             }
             self.samples.insert(*replica, current);
         }
@@ -514,6 +562,7 @@ impl Shared {
 struct ServeOptions {
     listen: SocketAddr,
     window: Duration,
+    stale_after: Duration,
     idle_timeout: Option<Duration>,
     bounds_ms: Vec<Vec<f64>>,
     program_run_time: bool,
@@ -532,6 +581,7 @@ fn serve(targets: &Targets, options: ServeOptions) -> anyhow::Result<()> {
     let ServeOptions {
         listen,
         window,
+        stale_after,
         idle_timeout,
         bounds_ms,
         program_run_time,
@@ -547,6 +597,7 @@ fn serve(targets: &Targets, options: ServeOptions) -> anyhow::Result<()> {
     } else {
         attach_plan(&mut tracer, &plan)?
     };
+    let attached_ns = clock_ns(libc::CLOCK_MONOTONIC);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -562,6 +613,9 @@ fn serve(targets: &Targets, options: ServeOptions) -> anyhow::Result<()> {
             last_scrape: Instant::now(),
             bounds_ms,
             window: QuantileWindow::new(window),
+            stale_after,
+            attached_ns,
+            up: BTreeMap::new(),
             samples: BTreeMap::new(),
             resources: BTreeMap::new(),
             state: ExporterState {
@@ -777,7 +831,7 @@ async fn push_otlp(
             let replicas = reading
                 .snapshots
                 .iter()
-                .filter_map(|(replica, (_, pid))| {
+                .filter_map(|(replica, Published { pid, .. })| {
                     let started_unix_ns = process::start_time_unix_ns(*pid).ok()?;
                     Some((
                         *replica,
@@ -876,7 +930,7 @@ fn snapshot(targets: &Targets, json: bool, wait: Duration) -> anyhow::Result<()>
         let entries: Vec<String> = reading
             .snapshots
             .iter()
-            .map(|(replica, (s, pid))| {
+            .map(|(replica, Published { snapshot: s, pid, .. })| {
                 format!(
                     "{{\"replica_id\":{replica},\"pid\":{pid},\"status\":{},\"is_primary\":{},\"view\":{},\"op\":{},\"commit\":{},\"lag_operations\":{},\"log_bytes\":{},\"log_entries\":{},\"pending_requests\":{},\"prepare_ok_votes\":{},\"client_sessions_active\":{}}}",
                     s.status, s.is_primary, s.view, s.op, s.commit, s.lag_operations, s.log_bytes, s.log_entries, s.pending_requests, s.prepare_ok_votes, s.client_sessions_active
@@ -889,7 +943,13 @@ fn snapshot(targets: &Targets, json: bool, wait: Duration) -> anyhow::Result<()>
             "{:>7} {:>7} {:>8} {:>7} {:>10} {:>10} {:>7} {:>12}",
             "replica", "pid", "status", "view", "op", "commit", "lag", "log bytes"
         );
-        for (replica, (s, pid)) in &reading.snapshots {
+        for (
+            replica,
+            Published {
+                snapshot: s, pid, ..
+            },
+        ) in &reading.snapshots
+        {
             let status = vsr_probes::ReplicaStatus::from_u8(s.status)
                 .map_or("unknown", |status| status.label());
             let role = if s.is_primary == 1 { "*" } else { "" };
@@ -958,7 +1018,7 @@ fn top(targets: &Targets, iterations: Option<u64>) -> anyhow::Result<()> {
             "{:>8} {:>11} {:>6} {:>10} {:>8} {:>9} {:>9} {:>6}\n",
             "replica", "status", "view", "commit", "ops/s", "p50 ms", "p99 ms", "lag"
         ));
-        for (replica, (snapshot, _)) in &reading.snapshots {
+        for (replica, Published { snapshot, .. }) in &reading.snapshots {
             let status = vsr_probes::ReplicaStatus::from_u8(snapshot.status)
                 .map_or("unknown", |status| status.label());
             let rate = previous.as_ref().map_or("-".to_string(), |(at, before)| {

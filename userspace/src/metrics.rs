@@ -51,6 +51,15 @@ pub struct HistogramReading {
     pub fine: BTreeMap<u32, u64>,
 }
 
+/// A replica's newest state snapshot and who published it when.
+#[derive(Debug, Clone, Copy)]
+pub struct Published {
+    pub snapshot: ReplicaSnapshot,
+    pub pid: u32,
+    /// `CLOCK_MONOTONIC` (`bpf_ktime_get_ns`) when the probe fired.
+    pub published_ns: u64,
+}
+
 /// Everything the maps hold at one moment.
 #[derive(Debug, Clone, Default)]
 pub struct Reading {
@@ -58,8 +67,9 @@ pub struct Reading {
     pub histograms: BTreeMap<(u32, u32), HistogramReading>,
     /// By replica id; only replicas with any count.
     pub counters: BTreeMap<u32, [u64; counter::SLOTS]>,
-    /// By replica id: the newest snapshot and the pid that published it.
-    pub snapshots: BTreeMap<u32, (ReplicaSnapshot, u32)>,
+    /// By replica id: the newest snapshot, whichever process published it and whether or not
+    /// that process still runs.
+    pub snapshots: BTreeMap<u32, Published>,
     pub self_counters: [u64; self_metric::SLOTS],
 }
 
@@ -133,7 +143,14 @@ impl Reading {
             let snapshot: ReplicaSnapshot =
                 unsafe { std::ptr::read_unaligned(slot.bytes.as_ptr().cast()) };
             if snapshot.version == SNAPSHOT_VERSION {
-                reading.snapshots.insert(replica, (snapshot, slot.pid));
+                reading.snapshots.insert(
+                    replica,
+                    Published {
+                        snapshot,
+                        pid: slot.pid,
+                        published_ns: slot.updated_ns,
+                    },
+                );
             }
         }
         let self_counters: PerCpuArray<_, self_metric::SelfCounters> =
@@ -332,11 +349,14 @@ impl Family {
     }
 }
 
-/// Every metric vsrscope exports, from one reading of the maps.
+/// Every metric vsrscope exports, from one reading of the maps. `up` holds every replica that
+/// ever published a snapshot; the snapshots of those that are down must already be gone from
+/// `reading`, and their resources from `resources`.
 pub fn families(
     reading: &Reading,
     window: &QuantileWindow,
     bounds_ms: &[Vec<f64>],
+    up: &BTreeMap<u32, bool>,
     resources: &BTreeMap<u32, Resources>,
     state: &ExporterState,
 ) -> Vec<Family> {
@@ -496,7 +516,7 @@ pub fn families(
     ] {
         let mut family = Family::new(name, Kind::Counter, help);
         family.origin = Origin::ReplicaProcess;
-        for (replica, (snapshot, _)) in &reading.snapshots {
+        for (replica, Published { snapshot, .. }) in &reading.snapshots {
             let counts = if sent {
                 &snapshot.messages_sent
             } else {
@@ -512,6 +532,17 @@ pub fn families(
         }
         families.push(family);
     }
+
+    let mut up_family = Family::new(
+        "vsr_replica_up",
+        Kind::Gauge,
+        "1 while the replica's process runs and its state snapshots are fresh, 0 after (its state \
+         and resource gauges are then absent)",
+    );
+    for (replica, up) in up {
+        up_family.point(Some(*replica), Vec::new(), Value::Integer(u64::from(*up)));
+    }
+    families.push(up_family);
 
     type Field = fn(&ReplicaSnapshot) -> u64;
     let gauges: [(&str, &str, Field); 13] = [
@@ -561,7 +592,7 @@ pub fn families(
     ];
     for (name, help, field) in gauges {
         let mut family = Family::new(name, Kind::Gauge, help);
-        for (replica, (snapshot, _)) in &reading.snapshots {
+        for (replica, Published { snapshot, .. }) in &reading.snapshots {
             family.point(Some(*replica), Vec::new(), Value::Integer(field(snapshot)));
         }
         families.push(family);
@@ -785,6 +816,7 @@ mod tests {
             &QuantileWindow::new(Duration::from_secs(60)),
             &bounds_ms,
             &BTreeMap::new(),
+            &BTreeMap::new(),
             &ExporterState::default(),
         );
         let family = families
@@ -812,6 +844,7 @@ mod tests {
             &(0..histogram::COUNT)
                 .map(|_| vec![1.0, 5.0])
                 .collect::<Vec<_>>(),
+            &BTreeMap::new(),
             &BTreeMap::new(),
             &ExporterState::default(),
         ));

@@ -108,21 +108,45 @@ pub fn stat_fields(pid: u32) -> Result<Vec<u64>, ProcessError> {
         .collect())
 }
 
+/// Index of `starttime` (clock ticks since boot) in [`stat_fields`].
+pub const START_TICKS: usize = 19;
+
+/// Nanoseconds per clock tick, the unit of /proc/PID/stat's times.
+pub fn tick_ns() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    1_000_000_000 / ticks_per_second
+}
+
+/// When the process holding `pid` now started, in nanoseconds since boot (`CLOCK_BOOTTIME`,
+/// rounded down to the clock tick). A pid and its start name one process even after the pid is
+/// reused.
+pub fn start_since_boot_ns(pid: u32) -> Result<u64, ProcessError> {
+    stat_fields(pid)?
+        .get(START_TICKS)
+        .map(|ticks| ticks * tick_ns())
+        .ok_or_else(|| ProcessError::Unreadable {
+            pid,
+            reason: "/proc/PID/stat has no starttime".into(),
+        })
+}
+
 /// When a process started, in nanoseconds since the Unix epoch (to the kernel's clock tick).
 pub fn start_time_unix_ns(pid: u32) -> Result<u64, ProcessError> {
-    let unreadable = |reason: String| ProcessError::Unreadable { pid, reason };
-    let start_ticks = *stat_fields(pid)?
-        .get(19)
-        .ok_or_else(|| unreadable("/proc/PID/stat has no starttime".into()))?;
+    let since_boot_ns = start_since_boot_ns(pid)?;
     let boot_seconds: u64 = std::fs::read_to_string("/proc/stat")
-        .map_err(|error| unreadable(format!("/proc/stat: {error}")))?
+        .map_err(|error| ProcessError::Unreadable {
+            pid,
+            reason: format!("/proc/stat: {error}"),
+        })?
         .lines()
         .find_map(|line| line.strip_prefix("btime "))
         .and_then(|value| value.trim().parse().ok())
-        .ok_or_else(|| unreadable("no btime in /proc/stat".into()))?;
-    // SAFETY: sysconf has no preconditions.
-    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Ok(boot_seconds * 1_000_000_000 + start_ticks * (1_000_000_000 / ticks_per_second))
+        .ok_or_else(|| ProcessError::Unreadable {
+            pid,
+            reason: "no btime in /proc/stat".into(),
+        })?;
+    Ok(boot_seconds * 1_000_000_000 + since_boot_ns)
 }
 
 #[cfg(test)]

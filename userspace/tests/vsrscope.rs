@@ -211,17 +211,94 @@ fn metrics_match_ground_truth_and_a_real_prometheus_reads_them() {
     let _ = testkit::BenchResult::from_child(load);
 }
 
+/// A process holding `pid`, which must be free: the kernel gives the next process the pid after
+/// `ns_last_pid`, unless another process on the host takes it first (then try again).
+fn occupy_pid(pid: u32) -> std::process::Child {
+    for _ in 0..100 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).unwrap();
+        let mut child = Command::new("sleep").arg("60").spawn().unwrap();
+        if child.id() == pid {
+            return child;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    panic!("could not start a process with pid {pid}");
+}
+
+/// The replica-state and resource series of one replica in an exposition.
+fn replica_gauges(metrics: &testkit::Metrics, replica: u32) -> Vec<String> {
+    let suffix = format!("{{replica_id=\"{replica}\"}}");
+    metrics
+        .text
+        .lines()
+        .filter_map(|line| line.split_once(' ').map(|(series, _)| series))
+        .filter(|series| series.ends_with(&suffix))
+        .filter(|series| {
+            [
+                "vsr_replica_status",
+                "vsr_view_number",
+                "vsr_commit_number",
+                "vsr_prepare_ok_votes",
+                "vsr_memory_used_bytes",
+                "vsr_cpu_utilization_percent",
+            ]
+            .iter()
+            .any(|name| series.starts_with(&format!("{name}{{")))
+        })
+        .map(str::to_string)
+        .collect()
+}
+
 #[test]
 fn primary_failure_and_restart_show_up_and_attach_by_path_covers_the_new_process() {
     let mut cluster = Cluster::start("vsrscope-faults", 3, &["--snapshot-interval-ms", "100"]);
     cluster.wait_for_log(1, "Normal in view 0", Duration::from_secs(5));
     let serve = Serve::start(
         &cluster.directory.0,
-        &["--binary", cluster.binary.to_str().unwrap()],
+        &[
+            "--binary",
+            cluster.binary.to_str().unwrap(),
+            "--snapshot-interval-ms",
+            "100",
+        ],
     );
     let load = cluster.bench_in_background(&["--duration-s", "5", "--clients", "16", "--verify"]);
-    std::thread::sleep(Duration::from_secs(1));
+    wait_until("every replica's gauges", Duration::from_secs(5), || {
+        let metrics = serve.scrape();
+        (0..3).all(|replica| replica_gauges(&metrics, replica).len() == 6)
+    });
+    let dead_pid = cluster.pid(0);
     cluster.kill(0);
+    let killed = std::time::Instant::now();
+    // Its pid handed at once to another process, whose CPU and memory are not the replica's.
+    let mut impostor = occupy_pid(dead_pid);
+    // Down within the snapshot interval and margin (1.1 s) plus a sampling second; state and
+    // resource gauges gone with it. Ground truth: the replica's process is gone.
+    assert!(!cluster.is_running(0));
+    wait_until(
+        "replica 0 reported down",
+        Duration::from_millis(2_100),
+        || {
+            let metrics = serve.scrape();
+            metrics.value("vsr_replica_up{replica_id=\"0\"}") == Some(0.0)
+                && replica_gauges(&metrics, 0).is_empty()
+        },
+    );
+    eprintln!(
+        "replica 0 reported down {:?} after kill -9",
+        killed.elapsed()
+    );
+    // And it stays down, through samples taken while the impostor holds its pid.
+    let stays_down_until = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < stays_down_until {
+        let metrics = serve.scrape();
+        assert_eq!(metrics.value("vsr_replica_up{replica_id=\"0\"}"), Some(0.0));
+        assert_eq!(replica_gauges(&metrics, 0), Vec::<String>::new());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    impostor.kill().unwrap();
+    impostor.wait().unwrap();
     wait_until(
         "the view change in the metrics",
         Duration::from_secs(15),
@@ -246,6 +323,7 @@ fn primary_failure_and_restart_show_up_and_attach_by_path_covers_the_new_process
             metrics.value("vsr_recovery_latency_ms_count{replica_id=\"0\"}") == Some(1.0)
                 && metrics.value("vsr_view_number{replica_id=\"0\"}") == Some(1.0)
                 && metrics.value("vsr_replica_status{replica_id=\"0\"}") == Some(0.0)
+                && metrics.value("vsr_replica_up{replica_id=\"0\"}") == Some(1.0)
         },
     );
     testkit::BenchResult::from_child(load).assert_verified();
