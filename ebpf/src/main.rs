@@ -306,7 +306,7 @@ pub fn view_change_start(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn checksum_failure(ctx: ProbeContext) -> u32 {
     handle(&ctx, program::CHECKSUM_FAILURE, |a| {
-        add_labelled(a.get(0)?, counter::CHECKSUM_FAILURES, a.get(1)?, 2, 1)
+        add_labelled(a.get(0)?, counter::CHECKSUM_FAILURES, a.get(1)?, 3, 1)
     })
 }
 

@@ -91,6 +91,7 @@ codes! {
     Component {
         Log = 0 => "log",
         Superblock = 1 => "superblock",
+        Checkpoint = 2 => "checkpoint",
     }
 }
 

@@ -200,6 +200,9 @@ probes! {
     fn recovery_start(replica_id: u8, nonce: u64, commit: u64);
     /// Recovery finished: the replica rejoined `view` at `op`, `latency_ns` after it started.
     fn recovery_done(replica_id: u8, view: u64, op: u64, latency_ns: u64);
+    /// A checkpoint of the state machine after `op` (`bytes` long) is durable, `latency_ns`
+    /// after its write began; the superblock names it from the same flush on.
+    fn checkpoint_done(replica_id: u8, op: u64, bytes: u64, latency_ns: u64);
     /// A checksum mismatch in durable state (component: see `Component`); `op` for the log.
     fn checksum_failure(replica_id: u8, component: u8, op: u64);
     /// A message rejected before the protocol saw it (reason: see `RejectReason`).

@@ -5,7 +5,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
+use vsr_probes::RejectReason;
+
+use crate::kv::RESULT_SIZE_MAX;
+use crate::message::Reader;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
@@ -97,6 +101,54 @@ impl ClientTable {
     pub fn is_empty(&self) -> bool {
         self.sessions.is_empty()
     }
+
+    /// Appends the sessions, least recently used first: equal tables encode to equal bytes,
+    /// and a decoded table evicts in the same order as the one encoded.
+    pub fn encode_into(&self, out: &mut BytesMut) {
+        out.put_u64_le(self.sequence);
+        out.put_u64_le(self.by_recency.len() as u64);
+        for (last_used, client_id) in &self.by_recency {
+            let session = &self.sessions[client_id];
+            out.put_u64_le(*client_id);
+            out.put_u64_le(session.request_number);
+            out.put_u64_le(session.op);
+            out.put_u64_le(*last_used);
+            out.put_u32_le(session.reply.len() as u32);
+            out.put_slice(&session.reply);
+        }
+    }
+
+    pub fn decode_from(reader: &mut Reader, capacity: usize) -> Result<ClientTable, RejectReason> {
+        let mut table = ClientTable::new(capacity);
+        table.sequence = reader.u64()?;
+        let count = reader.u64()?;
+        if count > capacity as u64 {
+            return Err(RejectReason::InvalidFields);
+        }
+        for _ in 0..count {
+            let client_id = reader.u64()?;
+            let request_number = reader.u64()?;
+            let op = reader.u64()?;
+            let last_used = reader.u64()?;
+            let reply_size = reader.u32()? as usize;
+            if reply_size > RESULT_SIZE_MAX || last_used > table.sequence {
+                return Err(RejectReason::InvalidFields);
+            }
+            let reply = reader.bytes(reply_size)?;
+            let session = Session {
+                request_number,
+                reply,
+                op,
+                last_used,
+            };
+            let duplicate = table.sessions.insert(client_id, session).is_some()
+                || table.by_recency.insert(last_used, client_id).is_some();
+            if duplicate {
+                return Err(RejectReason::InvalidFields);
+            }
+        }
+        Ok(table)
+    }
 }
 
 #[cfg(test)]
@@ -117,6 +169,34 @@ mod tests {
         assert_eq!(table.lookup(1, 2), Lookup::New);
         table.record(1, 2, 11, Bytes::new());
         assert_eq!(table.lookup(1, 1), Lookup::Stale);
+    }
+
+    #[test]
+    fn a_decoded_table_answers_and_evicts_like_the_original() {
+        let mut table = ClientTable::new(3);
+        table.record(1, 1, 1, Bytes::from_static(b"one"));
+        table.record(2, 1, 2, Bytes::new());
+        table.record(1, 2, 3, Bytes::from_static(b"two"));
+        let mut encoded = BytesMut::new();
+        table.encode_into(&mut encoded);
+        let encoded = encoded.freeze();
+        let mut reader = Reader::new(&encoded);
+        let mut decoded = ClientTable::decode_from(&mut reader, 3).unwrap();
+        reader.finish().unwrap();
+        assert_eq!(decoded.lookup(1, 1), Lookup::Stale);
+        assert!(
+            matches!(decoded.lookup(1, 2), Lookup::Executed(session) if &session.reply[..] == b"two")
+        );
+        assert_eq!(decoded.record(3, 1, 4, Bytes::new()), None);
+        assert_eq!(
+            decoded.record(4, 1, 5, Bytes::new()),
+            Some(2),
+            "client 2 was least recently used"
+        );
+        assert!(
+            ClientTable::decode_from(&mut Reader::new(&encoded), 1).is_err(),
+            "more sessions than fit"
+        );
     }
 
     #[test]

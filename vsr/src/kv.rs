@@ -4,6 +4,9 @@
 use std::collections::HashMap;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use vsr_probes::RejectReason;
+
+use crate::message::Reader;
 
 pub const KEY_SIZE_MAX: usize = 256;
 pub const VALUE_SIZE_MAX: usize = 64 * 1024;
@@ -112,6 +115,38 @@ impl KvStore {
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }
+
+    /// Appends the map in key order: equal maps encode to equal bytes on every replica, so a
+    /// checkpoint's checksum identifies the state.
+    pub fn encode_into(&self, out: &mut BytesMut) {
+        let mut pairs: Vec<(&Bytes, &Bytes)> = self.map.iter().collect();
+        pairs.sort_unstable();
+        out.put_u64_le(pairs.len() as u64);
+        for (key, value) in pairs {
+            out.put_u16_le(key.len() as u16);
+            out.put_u32_le(value.len() as u32);
+            out.put_slice(key);
+            out.put_slice(value);
+        }
+    }
+
+    pub fn decode_from(reader: &mut Reader) -> Result<KvStore, RejectReason> {
+        let count = reader.u64()?;
+        let mut map = HashMap::new();
+        for _ in 0..count {
+            let key_size = usize::from(reader.u16()?);
+            let value_size = reader.u32()? as usize;
+            if key_size > KEY_SIZE_MAX || value_size > VALUE_SIZE_MAX {
+                return Err(RejectReason::InvalidFields);
+            }
+            let key = reader.bytes(key_size)?;
+            let value = reader.bytes(value_size)?;
+            if map.insert(key, value).is_some() {
+                return Err(RejectReason::InvalidFields);
+            }
+        }
+        Ok(KvStore { map })
+    }
 }
 
 #[cfg(test)]
@@ -157,6 +192,40 @@ mod tests {
             );
         }
         assert!(store.is_empty());
+    }
+
+    #[test]
+    fn encoding_is_canonical_and_round_trips() {
+        let mut forward = KvStore::default();
+        let mut backward = KvStore::default();
+        let keys = ["a", "b", "c", "d"];
+        for key_text in keys {
+            let put = Operation::Put {
+                key: key(key_text),
+                value: key("value"),
+            }
+            .encode();
+            forward.execute(&put);
+        }
+        for key_text in keys.iter().rev() {
+            let put = Operation::Put {
+                key: key(key_text),
+                value: key("value"),
+            }
+            .encode();
+            backward.execute(&put);
+        }
+        let (mut one, mut two) = (BytesMut::new(), BytesMut::new());
+        forward.encode_into(&mut one);
+        backward.encode_into(&mut two);
+        assert_eq!(one, two, "insertion order does not show");
+        let encoded = one.freeze();
+        let mut reader = Reader::new(&encoded);
+        let decoded = KvStore::decode_from(&mut reader).unwrap();
+        reader.finish().unwrap();
+        assert_eq!(decoded.map, forward.map);
+        let truncated = encoded.slice(..encoded.len() - 1);
+        assert!(KvStore::decode_from(&mut Reader::new(&truncated)).is_err());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! generator support and deterministic simulator. See `../shared/vsr-notes.md` for the protocol
 //! and `docs/probes.md` for the probes.
 
+pub mod checkpoint;
 pub mod checksum;
 pub mod client;
 pub mod client_table;

@@ -408,6 +408,10 @@ impl<'a> Reader<'a> {
         Ok(self.take(1)?[0])
     }
 
+    pub fn u16(&mut self) -> Result<u16, RejectReason> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().unwrap()))
+    }
+
     pub fn u32(&mut self) -> Result<u32, RejectReason> {
         Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
     }

@@ -10,18 +10,20 @@
 //! `f` replicas are down, recovering or partitioned at a time, which is what VSR promises to
 //! survive.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io;
 
 use bytes::Bytes;
 
+use crate::checkpoint::encode_state;
+use crate::checksum::checksum;
 use crate::client::{Client, ReplyOutcome};
 use crate::client_table::{ClientTable, Lookup};
 use crate::kv::{KvStore, Operation};
-use crate::message::{LIST_PREFIX_SIZE, Message, REGISTER_REQUEST_NUMBER, decode_batch};
+use crate::message::{Entry, LIST_PREFIX_SIZE, Message, REGISTER_REQUEST_NUMBER, decode_batch};
 use crate::prng::Prng;
 use crate::replica::{Config, Destination, Outgoing, Replica, Source, Status};
-use crate::storage::{Storage, Zone};
+use crate::storage::{CHECKPOINT_SLOTS, Storage, Zone};
 
 /// In-memory storage with the failure modes of a real disk: writes are volatile until synced,
 /// a crash may tear the last unsynced write, and bytes can rot.
@@ -89,15 +91,28 @@ impl MemoryStorage {
 
 impl Storage for MemoryStorage {
     fn read_at(&mut self, zone: Zone, offset: u64, buffer: &mut [u8]) -> io::Result<usize> {
-        let mut view = self.durable.get(&zone).cloned().unwrap_or_default();
-        for (write_zone, write_offset, bytes) in &self.unsynced {
-            if *write_zone == zone {
-                Self::apply(&mut view, *write_offset, bytes);
+        let size = self.size(zone)?;
+        let start = offset.min(size);
+        let count = buffer.len().min((size - start) as usize);
+        let buffer = &mut buffer[..count];
+        buffer.fill(0);
+        let durable = self.durable.get(&zone).map_or(&[][..], Vec::as_slice);
+        let overlays = std::iter::once((0, durable)).chain(
+            self.unsynced
+                .iter()
+                .filter(|(write_zone, _, _)| *write_zone == zone)
+                .map(|(_, write_offset, bytes)| (*write_offset, bytes.as_slice())),
+        );
+        // Later writes over earlier ones, as `apply` would leave them, without copying the zone.
+        for (write_offset, bytes) in overlays {
+            let from = start.max(write_offset);
+            let to = (start + count as u64).min(write_offset + bytes.len() as u64);
+            if from < to {
+                buffer[(from - start) as usize..(to - start) as usize].copy_from_slice(
+                    &bytes[(from - write_offset) as usize..(to - write_offset) as usize],
+                );
             }
         }
-        let start = (offset as usize).min(view.len());
-        let count = buffer.len().min(view.len() - start);
-        buffer[..count].copy_from_slice(&view[start..start + count]);
         Ok(count)
     }
 
@@ -258,6 +273,13 @@ pub struct Simulator {
     clients: Vec<SimClient>,
     next_client_id: u64,
     pub acknowledged: Vec<Acknowledged>,
+    /// The committed log as replicas executed it (op `n` at index `n - 1`): recorded while the
+    /// run goes on, since journals drop what checkpoints cover.
+    committed: Vec<Entry>,
+    /// Per replica: the highest op whose committed entry was compared with `committed`.
+    observed_commit: Vec<u64>,
+    /// Safety violations seen while running, reported by `check`.
+    violations: Vec<String>,
     pub crashes: u64,
     pub corruptions: u64,
     pub replacements: u64,
@@ -289,6 +311,8 @@ impl Simulator {
         // From "no entry fits" (the whole suffix travels by repair) to tens of entries.
         config.suffix_bytes_max = LIST_PREFIX_SIZE + prng.below(8192) as usize;
         config.repair_window = 1 + prng.below(16);
+        // Often enough that restarts load checkpoints and replay a suffix.
+        config.checkpoint_interval_ops = 1 + prng.below(48);
         let nodes = (0..replica_count)
             .map(|replica| {
                 let config = Config {
@@ -322,6 +346,9 @@ impl Simulator {
             clients,
             next_client_id: client_count as u64 + 1,
             acknowledged: Vec::new(),
+            committed: Vec::new(),
+            observed_commit: vec![0; replica_count as usize],
+            violations: Vec::new(),
             crashes: 0,
             corruptions: 0,
             replacements: 0,
@@ -588,17 +615,17 @@ impl Simulator {
             return;
         }
         if has_peers && self.prng.chance(self.faults.corrupt_on_crash_percent) {
-            let zone = if self.prng.chance(80) {
-                Zone::Journal
-            } else {
-                Zone::Superblock
+            let zone = match self.prng.below(10) {
+                0..=6 => Zone::Journal,
+                7 | 8 => Zone::Superblock,
+                _ => Zone::Checkpoint(self.prng.below(u64::from(CHECKPOINT_SLOTS)) as u8),
             };
             let size = storage.durable_size(zone);
             if size > 0 {
                 // One copy of the superblock at most: losing all four is not a fault VSR survives.
                 let offset = match zone {
-                    Zone::Journal => self.prng.below(size),
                     Zone::Superblock => self.prng.below(size.min(4096)),
+                    Zone::Journal | Zone::Checkpoint(_) => self.prng.below(size),
                 };
                 storage.corrupt_byte(zone, offset);
                 self.corruptions += 1;
@@ -642,6 +669,7 @@ impl Simulator {
                 Replica::format(&config, &mut storage, true)
                     .unwrap_or_else(|error| panic!("replica {index} failed to format: {error}"));
                 self.catch_up_commit[index] = self.commit_max();
+                self.observed_commit[index] = 0;
             }
             let replica = Replica::open(config, storage, self.now_ns)
                 .unwrap_or_else(|error| panic!("replica {index} failed to reopen: {error}"));
@@ -758,6 +786,39 @@ impl Simulator {
         for Outgoing { destination, frame } in outgoing {
             self.enqueue(Source::Replica(index), destination, frame);
         }
+        self.observe_commits(index as usize);
+    }
+
+    /// Compares the ops `index` executed since last time with the committed log, extending it.
+    /// An op its checkpoint covers may be gone from its journal; any later one must be there.
+    fn observe_commits(&mut self, index: usize) {
+        let Node::Up(replica) = &mut self.nodes[index] else {
+            return;
+        };
+        let from = self.observed_commit[index] + 1;
+        for op in from..=replica.commit() {
+            let Some(entry) = replica.committed_entry(op) else {
+                if op > replica.checkpoint_op() {
+                    self.violations
+                        .push(format!("replica {index}: committed op {op} unreadable"));
+                }
+                continue;
+            };
+            match self.committed.get(op as usize - 1) {
+                Some(existing) if existing.checksum != entry.checksum => {
+                    self.violations.push(format!(
+                        "replica {index}: committed op {op} differs from another replica's"
+                    ));
+                }
+                Some(_) => {}
+                None if self.committed.len() as u64 == op - 1 => self.committed.push(entry),
+                None => self.violations.push(format!(
+                    "replica {index}: committed op {op} before anyone's op {}",
+                    self.committed.len() + 1
+                )),
+            }
+        }
+        self.observed_commit[index] = self.observed_commit[index].max(replica.commit());
     }
 
     fn client_receive(&mut self, index: usize, frame: &[u8]) {
@@ -806,32 +867,17 @@ impl Simulator {
     ///   exactly the result every client saw, at the op it was told: linearizable replies, no
     ///   acknowledged write lost, no request executed twice.
     pub fn check(&mut self) -> Result<(), String> {
-        let mut reference: BTreeMap<u64, crate::message::Entry> = BTreeMap::new();
         for index in 0..self.nodes.len() {
-            let Node::Up(replica) = &mut self.nodes[index] else {
-                continue;
-            };
-            for op in 1..=replica.commit() {
-                let entry = replica
-                    .committed_entry(op)
-                    .ok_or_else(|| format!("replica {index}: committed op {op} unreadable"))?;
-                match reference.get(&op) {
-                    Some(existing) if existing.checksum != entry.checksum => {
-                        return Err(format!(
-                            "replica {index}: committed op {op} differs from another replica's"
-                        ));
-                    }
-                    Some(_) => {}
-                    None => {
-                        reference.insert(op, entry);
-                    }
-                }
-            }
+            self.observe_commits(index);
+        }
+        if let Some(violation) = self.violations.first() {
+            return Err(violation.clone());
         }
         let mut model = KvStore::default();
         let mut sessions = ClientTable::new(self.config.client_sessions_max);
         let mut results: HashMap<(u64, u64), (u64, Bytes)> = HashMap::new();
-        for (op, entry) in &reference {
+        for entry in &self.committed {
+            let op = &entry.op;
             let requests =
                 decode_batch(&entry.body).map_err(|reason| format!("op {op}: batch {reason:?}"))?;
             for request in requests {
@@ -853,6 +899,19 @@ impl Simulator {
                 if results.insert(key, (*op, result)).is_some() {
                     return Err(format!("request {key:?} executed twice"));
                 }
+            }
+        }
+        // Checkpoints and replays rebuilt the same state as executing every op once.
+        let model_checksum = checksum(&encode_state(&model, &sessions));
+        for (index, node) in self.nodes.iter().enumerate() {
+            if let Node::Up(replica) = node
+                && replica.commit() == self.committed.len() as u64
+                && replica.state_checksum() != model_checksum
+            {
+                return Err(format!(
+                    "replica {index}: state at op {} differs from the model's",
+                    replica.commit()
+                ));
             }
         }
         for acknowledged in &self.acknowledged {

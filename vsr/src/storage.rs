@@ -1,4 +1,4 @@
-//! Storage injected into the replica: two byte zones (journal and superblock) with positional
+//! Storage injected into the replica: byte zones (journal, superblock, two checkpoint slots) with positional
 //! reads and writes and an explicit durability barrier. Files in production, memory with crash
 //! and corruption faults in the simulator; the journal and superblock code above is the same.
 
@@ -11,7 +11,12 @@ use std::path::{Path, PathBuf};
 pub enum Zone {
     Journal,
     Superblock,
+    /// One of two slots: a new checkpoint is written to the slot the superblock does not
+    /// reference, so a crash while writing it leaves the previous one intact.
+    Checkpoint(u8),
 }
+
+pub const CHECKPOINT_SLOTS: u8 = 2;
 
 pub trait Storage {
     /// Reads up to `buffer.len()` bytes at `offset`; fewer only at the end of the zone.
@@ -40,22 +45,29 @@ pub fn read_exact_at(
     Ok(true)
 }
 
-/// The production storage: `journal.vsr` and `superblock.vsr` in a data directory.
+/// The production storage: `journal.vsr`, `superblock.vsr` and `checkpoint-{0,1}.vsr` in a
+/// data directory.
 #[derive(Debug)]
 pub struct FileStorage {
     journal: File,
     superblock: File,
+    checkpoints: [File; CHECKPOINT_SLOTS as usize],
 }
 
 impl FileStorage {
     pub const JOURNAL_FILE: &'static str = "journal.vsr";
     pub const SUPERBLOCK_FILE: &'static str = "superblock.vsr";
+    pub const CHECKPOINT_FILES: [&'static str; CHECKPOINT_SLOTS as usize] =
+        ["checkpoint-0.vsr", "checkpoint-1.vsr"];
 
     /// Creates a data directory's files, durably: the files and the directory entry naming them
     /// are synced. Refuses a directory that already holds a replica's files.
     pub fn create(directory: &Path) -> io::Result<FileStorage> {
         std::fs::create_dir_all(directory)?;
-        for name in [Self::JOURNAL_FILE, Self::SUPERBLOCK_FILE] {
+        let names = [Self::JOURNAL_FILE, Self::SUPERBLOCK_FILE]
+            .into_iter()
+            .chain(Self::CHECKPOINT_FILES);
+        for name in names {
             if directory.join(name).exists() {
                 return Err(io::Error::new(
                     io::ErrorKind::AlreadyExists,
@@ -69,6 +81,9 @@ impl FileStorage {
         let storage = Self::open_files(directory, true)?;
         storage.journal.sync_all()?;
         storage.superblock.sync_all()?;
+        for file in &storage.checkpoints {
+            file.sync_all()?;
+        }
         File::open(directory)?.sync_all()?;
         Ok(storage)
     }
@@ -107,6 +122,10 @@ impl FileStorage {
         Ok(FileStorage {
             journal: open(Self::JOURNAL_FILE)?,
             superblock: open(Self::SUPERBLOCK_FILE)?,
+            checkpoints: [
+                open(Self::CHECKPOINT_FILES[0])?,
+                open(Self::CHECKPOINT_FILES[1])?,
+            ],
         })
     }
 
@@ -114,6 +133,7 @@ impl FileStorage {
         match zone {
             Zone::Journal => &self.journal,
             Zone::Superblock => &self.superblock,
+            Zone::Checkpoint(slot) => &self.checkpoints[usize::from(slot)],
         }
     }
 }

@@ -8,12 +8,13 @@ use std::io;
 
 use thiserror::Error;
 
+use crate::checkpoint::CheckpointId;
 use crate::checksum::checksum;
 use crate::storage::{Storage, Zone, read_exact_at};
 
 pub const COPIES: u64 = 4;
 const COPY_SIZE: u64 = 4096;
-const ENCODED_SIZE: usize = 8 + 8 * 7 + 3;
+const ENCODED_SIZE: usize = 8 + 8 * 11 + 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SuperblockState {
@@ -32,6 +33,8 @@ pub struct SuperblockState {
     /// Formatted as a replacement for a replica that lost its data: it must not vote until
     /// the cluster has told it the current view and log (the recovery protocol).
     pub recovering: bool,
+    /// The newest durable checkpoint: a restart starts from it and replays the ops after it.
+    pub checkpoint: CheckpointId,
 }
 
 #[derive(Debug, Error)]
@@ -74,15 +77,20 @@ impl SuperblockState {
             self.commit,
             self.sequence,
             self.commit_checksum,
+            self.checkpoint.op,
+            self.checkpoint.entry_checksum,
+            self.checkpoint.state_checksum,
+            self.checkpoint.size_bytes,
         ]
         .into_iter()
         .enumerate()
         {
             out[16 + index * 8..24 + index * 8].copy_from_slice(&value.to_le_bytes());
         }
-        out[64] = self.replica;
-        out[65] = self.replica_count;
-        out[66] = self.recovering as u8;
+        out[96] = self.replica;
+        out[97] = self.replica_count;
+        out[98] = self.recovering as u8;
+        out[99] = self.checkpoint.slot;
         let sum = checksum(&out[8..]);
         out[0..8].copy_from_slice(&sum.to_le_bytes());
         out
@@ -97,9 +105,16 @@ impl SuperblockState {
             commit: u64_at(40),
             sequence: u64_at(48),
             commit_checksum: u64_at(56),
-            replica: bytes[64],
-            replica_count: bytes[65],
-            recovering: bytes[66] == 1,
+            checkpoint: CheckpointId {
+                op: u64_at(64),
+                entry_checksum: u64_at(72),
+                state_checksum: u64_at(80),
+                size_bytes: u64_at(88),
+                slot: bytes[99],
+            },
+            replica: bytes[96],
+            replica_count: bytes[97],
+            recovering: bytes[98] == 1,
         })
     }
 }
@@ -122,6 +137,7 @@ pub fn format(
         commit_checksum: 0,
         sequence: 0,
         recovering,
+        checkpoint: CheckpointId::default(),
     };
     for _ in 0..COPIES {
         write(storage, &mut state)?;

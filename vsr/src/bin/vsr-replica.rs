@@ -76,6 +76,10 @@ struct StartArguments {
     /// prepared. The default fits the largest valid key-value operation.
     #[arg(long, default_value_t = vsr::kv::OPERATION_SIZE_MAX)]
     request_bytes_max: usize,
+    /// Committed ops between two checkpoints of the state machine; a restart replays at most
+    /// this many committed ops from the journal.
+    #[arg(long, default_value_t = Config::new(0, 0, 1).checkpoint_interval_ops)]
+    checkpoint_interval_ops: u64,
 }
 
 fn main() -> ExitCode {
@@ -141,6 +145,7 @@ fn start(arguments: StartArguments) -> anyhow::Result<()> {
         "--client-sessions-max must be at least 1"
     );
     config.request_bytes_max = arguments.request_bytes_max;
+    config.checkpoint_interval_ops = arguments.checkpoint_interval_ops;
     let since_epoch = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();

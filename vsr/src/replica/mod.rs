@@ -16,6 +16,7 @@
 //! chain and fetching missing entries) and `snapshot` (the state published to tracers). Each
 //! phase keeps its state in its own struct.
 
+mod checkpoint;
 mod normal;
 mod recovery;
 mod repair;
@@ -30,6 +31,7 @@ use vsr_probes::{
     Command, PEER_CLIENT, RejectReason, ReplicaSnapshot, ReplicaStatus, ViewChangeReason,
 };
 
+use crate::checkpoint::{self as checkpoint_file, CheckpointId};
 use crate::client_table::ClientTable;
 use crate::journal::Journal;
 use crate::kv::KvStore;
@@ -80,6 +82,9 @@ pub struct Config {
     /// entries that fit are shipped, the rest repaired, so a view change is never a message
     /// too large to deliver.
     pub suffix_bytes_max: usize,
+    /// Committed ops between two checkpoints of the state machine: a restart replays at most
+    /// this many ops (plus the uncommitted suffix) from the journal.
+    pub checkpoint_interval_ops: u64,
     /// Different in every process that opens this replica (the runtime takes it from the wall
     /// clock and pid): recovery nonces must not repeat across restarts, and `now_ns` starts
     /// at 0 in every process.
@@ -104,6 +109,7 @@ impl Config {
             repair_window: 64,
             suffix_max: 64,
             suffix_bytes_max: 1024 * 1024,
+            checkpoint_interval_ops: 2048,
             nonce_entropy: 0,
         }
     }
@@ -131,6 +137,11 @@ impl Config {
                  body of {body_bytes_max} bytes (a suffix takes at least {LIST_PREFIX_SIZE})",
                 self.batch_bytes_max, self.suffix_bytes_max
             )));
+        }
+        if self.checkpoint_interval_ops == 0 {
+            return Err(OpenError::Config(
+                "the checkpoint interval must be at least 1 op".to_string(),
+            ));
         }
         if self.request_bytes_max == 0
             || LIST_PREFIX_SIZE + BatchedRequest::encoded_size(self.request_bytes_max)
@@ -257,6 +268,9 @@ pub struct Replica<S: Storage> {
 
     kv: KvStore,
     client_table: ClientTable,
+    /// The state after the newest op that completed a checkpoint interval, encoded when that
+    /// op executed and written by the next `flush`.
+    pending_checkpoint: Option<(CheckpointId, Bytes)>,
 
     pipeline: Pipeline,
     /// When the primary last sent backups anything; a heartbeat is due after an interval of silence.
@@ -297,6 +311,16 @@ impl<S: Storage> Replica<S> {
         self.commit
     }
 
+    /// The op of the newest durable checkpoint.
+    pub fn checkpoint_op(&self) -> u64 {
+        self.superblock.checkpoint.op
+    }
+
+    /// Identifies the state machine's state: equal on replicas that executed the same ops.
+    pub fn state_checksum(&self) -> u64 {
+        crate::checksum::checksum(&checkpoint_file::encode_state(&self.kv, &self.client_table))
+    }
+
     pub fn is_primary(&self) -> bool {
         self.status == Status::Normal && self.config.primary_of(self.view) == self.config.replica
     }
@@ -304,13 +328,14 @@ impl<S: Storage> Replica<S> {
     /// Protocol state in one line, for simulator failures and logs.
     pub fn describe(&self) -> String {
         format!(
-            "{:?} view {} log_view {} op {} commit {} commit_max {} chain_low {} entries {:?}..{:?} candidates {} repairs {:?}",
+            "{:?} view {} log_view {} op {} commit {} commit_max {} checkpoint {} chain_low {} entries {:?}..{:?} candidates {} repairs {:?}",
             self.status,
             self.view,
             self.log_view,
             self.op,
             self.commit,
             self.commit_max,
+            self.superblock.checkpoint.op,
             self.chain_low,
             self.entries.keys().next(),
             self.entries.keys().next_back(),
@@ -500,6 +525,19 @@ impl<S: Storage> Replica<S> {
                     stats.bytes,
                     started.elapsed().as_nanos() as u64,
                 )
+            });
+        }
+        if let Some((id, state)) = self.pending_checkpoint.take() {
+            // After the journal: the superblock that names this checkpoint also claims its op
+            // committed, and every op up to it must be durable by then.
+            let started = std::time::Instant::now();
+            checkpoint_file::write(&mut self.storage, id.slot, &state)?;
+            self.superblock.checkpoint = id;
+            self.superblock_dirty = true;
+            let replica_id = self.config.replica;
+            probe::checkpoint_done(|| {
+                let latency_ns = started.elapsed().as_nanos() as u64;
+                (replica_id, id.op, id.size_bytes, latency_ns)
             });
         }
         if self.status != Status::Recovering {

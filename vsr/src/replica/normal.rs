@@ -507,6 +507,11 @@ impl<S: Storage> Replica<S> {
         self.commit = entry.op;
         self.commit_checksum = entry.checksum;
         let op = entry.op;
+        if op.is_multiple_of(self.config.checkpoint_interval_ops)
+            && op > self.superblock.checkpoint.op
+        {
+            self.capture_checkpoint();
+        }
         if traced {
             probe::commit_execute(|| (replica_id, op, operations_ok, operations_failed));
         }

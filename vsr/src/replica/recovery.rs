@@ -113,6 +113,7 @@ impl<S: Storage> Replica<S> {
             candidates: BTreeMap::new(),
             chain_low: 0,
             kv: KvStore::default(),
+            pending_checkpoint: None,
             pipeline: Pipeline::new(quorum_size),
             last_sent_to_backups_ns: now_ns,
             last_heard_primary_ns: now_ns,
@@ -130,12 +131,16 @@ impl<S: Storage> Replica<S> {
         };
         // A damaged superblock copy may have been the newest, acted on before the crash: the
         // copy that won may be of an older view, so this replica cannot vouch for its view.
+        if !replica.load_checkpoint()? {
+            // The journal still holds every op: replay them all onto the empty state.
+            replica.superblock.checkpoint = Default::default();
+        }
         let state_certain = replica.replay_journal(&scan)? && opened.corrupt_copies == 0;
         replica.resume(now_ns, state_certain);
         Ok(replica)
     }
 
-    /// Executes the durable committed prefix, each op only once its successor's parent (or,
+    /// Executes the durable committed ops after the checkpoint, each op only once its successor's parent (or,
     /// for op `commit`, the superblock) confirms it, so an older record of an op whose newest
     /// record was lost is never executed as committed. Everything above becomes candidates for
     /// the chain. Returns whether the journal vouches for its head: only then may this replica
@@ -144,7 +149,7 @@ impl<S: Storage> Replica<S> {
         let durable_commit = self.superblock.commit;
         let op_max = self.journal.op_max();
         let mut unconfirmed: Option<Entry> = None;
-        let mut op = 1;
+        let mut op = self.commit + 1;
         while op <= durable_commit.min(op_max) {
             let Ok(entry) = self.journal.read(&mut self.storage, op)? else {
                 break;

@@ -83,7 +83,17 @@ fn corrupt_journal_entry_is_detected_and_repaired_from_peers() {
 /// Kills every replica of a cluster under load, as a power loss of the whole cluster would,
 /// and starts them again: the load generator's acknowledged writes all read back.
 fn kill_all_under_load_and_restart(name: &str, replica_count: usize, order: &[&[usize]]) {
-    let mut cluster = Cluster::start(name, replica_count, &["--view-change-timeout-ms", "500"]);
+    // Checkpoints every 64 ops: the restarts below start from one, not from op 1.
+    let mut cluster = Cluster::start(
+        name,
+        replica_count,
+        &[
+            "--view-change-timeout-ms",
+            "500",
+            "--checkpoint-interval-ops",
+            "64",
+        ],
+    );
     let bench = cluster.bench_in_background(&["--duration-s", "8", "--clients", "32", "--verify"]);
     std::thread::sleep(Duration::from_secs(2));
     let marks: Vec<usize> = (0..replica_count).map(|r| cluster.log_mark(r)).collect();
@@ -113,6 +123,19 @@ fn kill_all_under_load_and_restart(name: &str, replica_count: usize, order: &[&[
         assert!(
             !log.contains("Recovering"),
             "an intact replica resumes without recovery: {log}"
+        );
+        if !order.iter().any(|step| step.contains(&replica)) {
+            continue;
+        }
+        let checkpoint = log
+            .lines()
+            .find(|line| line.contains("listening on"))
+            .and_then(|line| line.split(" checkpoint ").nth(1))
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|op| op.parse::<u64>().ok());
+        assert!(
+            checkpoint.is_some_and(|op| op > 0),
+            "replica {replica} restarted from a checkpoint: {log}"
         );
     }
 }
