@@ -47,6 +47,8 @@ codes! {
         RecoveryResponse = 10 => "recovery_response",
         RequestPrepare = 11 => "request_prepare",
         RequestStartView = 12 => "request_start_view",
+        RequestCheckpoint = 13 => "request_checkpoint",
+        Checkpoint = 14 => "checkpoint",
     }
 }
 

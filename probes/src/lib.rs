@@ -203,6 +203,12 @@ probes! {
     /// A checkpoint of the state machine after `op` (`bytes` long) is durable, `latency_ns`
     /// after its write began; the superblock names it from the same flush on.
     fn checkpoint_done(replica_id: u8, op: u64, bytes: u64, latency_ns: u64);
+    /// This replica needs ops that no peer's journal holds any more: it began fetching a peer's
+    /// checkpoint of `checkpoint_op`, from its own `commit`.
+    fn state_transfer_start(replica_id: u8, checkpoint_op: u64, commit: u64);
+    /// State transfer finished: the checkpoint of `checkpoint_op` (`bytes` long) is this
+    /// replica's state, `latency_ns` after the transfer started.
+    fn state_transfer_done(replica_id: u8, checkpoint_op: u64, bytes: u64, latency_ns: u64);
     /// A checksum mismatch in durable state (component: see `Component`); `op` for the log.
     fn checksum_failure(replica_id: u8, component: u8, op: u64);
     /// A message rejected before the protocol saw it (reason: see `RejectReason`).

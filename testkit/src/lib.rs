@@ -187,6 +187,12 @@ impl Cluster {
         self.directory.0.join(format!("replica-{replica}"))
     }
 
+    /// The journal's first segment file (`vsr::storage::FileStorage::journal_segment_file(0)`;
+    /// the harness does not link the replica): what a short run wrote to the journal.
+    pub fn first_journal_segment(&self, replica: usize) -> PathBuf {
+        self.data_directory(replica).join("journal-0000000000.vsr")
+    }
+
     pub fn log_path(&self, replica: usize) -> PathBuf {
         self.directory.0.join(format!("replica-{replica}.log"))
     }

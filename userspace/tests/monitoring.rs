@@ -281,7 +281,7 @@ fn every_panel_and_alert_works_against_a_live_cluster() {
     let first = cluster.bench(&["--duration-s", "2", "--clients", "16"]);
     assert!(first.status.success(), "{}", first.stderr);
     assert!(cluster.stop(2).success());
-    corrupt_middle_byte(&cluster.data_directory(2).join("journal.vsr"));
+    corrupt_middle_byte(&cluster.first_journal_segment(2));
     cluster.start_replica(2);
     let mut garbage = TcpStream::connect(cluster.addresses[1]).unwrap();
     garbage.write_all(&[0xab; 96]).unwrap();

@@ -9,7 +9,7 @@
 //! the next valid header (records are 8-byte aligned), a record whose body fails its checksum is
 //! skipped too; either way its op is reported corrupt and the replica repairs it from peers.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 
 use bytes::{BufMut, Bytes};
@@ -63,8 +63,12 @@ pub struct FlushStats {
 
 #[derive(Debug)]
 pub struct Journal {
-    /// File offset of each op's newest record (index op - 1), or `OFFSET_NONE`.
-    offsets: Vec<u64>,
+    /// File offset of each op's newest record, or `OFFSET_NONE` (a corrupt record): only the
+    /// ops after the previous checkpoint interval, so bounded by configuration.
+    offsets: BTreeMap<u64, u64>,
+    /// Where the scan starts: every record before it is covered by a checkpoint (and its bytes
+    /// may be gone).
+    start: u64,
     /// Bytes durable (or at least written) in the file.
     durable_end: u64,
     pending: Vec<u8>,
@@ -130,24 +134,26 @@ fn header_checksum(header: &[u8; RECORD_HEADER_SIZE]) -> u64 {
 }
 
 impl Journal {
-    /// Scans the whole journal, rebuilding the op index and finding corrupt records.
-    pub fn open(storage: &mut impl Storage) -> io::Result<(Journal, JournalScan)> {
+    /// Scans the journal from `start` (the superblock's `journal_start`), rebuilding the op
+    /// index and finding corrupt records.
+    pub fn open(storage: &mut impl Storage, start: u64) -> io::Result<(Journal, JournalScan)> {
         let size = storage.size(Zone::Journal)?;
         let mut journal = Journal {
-            offsets: Vec::new(),
-            durable_end: 0,
+            offsets: BTreeMap::new(),
+            start,
+            durable_end: start,
             pending: Vec::new(),
             pending_records: 0,
             corrupt_runs: Vec::new(),
         };
         let mut scan = JournalScan::default();
-        let mut offset = 0;
+        let mut offset = start;
         let mut header_bytes = [0u8; RECORD_HEADER_SIZE];
         // Bytes that decode as no record, since the last record that did: a gap between two
         // records is corruption (or a torn write out of order) whatever it holds, since records
         // are written back to back; after the last record only non-zero bytes count.
         let mut gap: Option<(u64, bool)> = None;
-        let mut valid_end = 0;
+        let mut valid_end = start;
         while offset + RECORD_HEADER_SIZE as u64 <= size {
             read_exact_at(storage, Zone::Journal, offset, &mut header_bytes)?;
             let Some(header) = RecordHeader::decode(&header_bytes)
@@ -199,20 +205,44 @@ impl Journal {
         }
         // New records go after the last record that decodes: a torn or corrupt tail is
         // overwritten, never trusted, and never left in front of new records.
-        journal.durable_end = valid_end;
+        journal.durable_end = valid_end.max(start);
         Ok((journal, scan))
     }
 
     fn set_offset(&mut self, op: u64, offset: u64) {
-        let index = (op - 1) as usize;
-        if self.offsets.len() <= index {
-            self.offsets.resize(index + 1, OFFSET_NONE);
-        }
-        self.offsets[index] = offset;
+        self.offsets.insert(op, offset);
     }
 
     fn truncate_index(&mut self, op: u64) {
-        self.offsets.truncate(op as usize);
+        self.offsets.split_off(&(op + 1));
+    }
+
+    /// Forgets every op below `keep_from` (a checkpoint covers them), moving the scan start
+    /// past their records where it can. The caller records the new start in the superblock
+    /// (with that checkpoint) before it discards the bytes in front of it.
+    pub fn discard_before(&mut self, keep_from: u64) {
+        self.offsets = self.offsets.split_off(&keep_from);
+        let start = self
+            .offsets
+            .values()
+            .filter(|offset| **offset != OFFSET_NONE)
+            .min()
+            .copied()
+            .unwrap_or(self.durable_end)
+            .min(self.durable_end);
+        if start <= self.start {
+            return;
+        }
+        self.start = start;
+        self.corrupt_runs.retain_mut(|run| {
+            run.start = run.start.max(start);
+            run.start < run.end
+        });
+    }
+
+    /// Where a scan of this journal would start.
+    pub fn start(&self) -> u64 {
+        self.start
     }
 
     fn read_record(
@@ -268,7 +298,7 @@ impl Journal {
 
     /// Buffers a record that drops every op above `op`.
     pub fn truncate(&mut self, op: u64) {
-        if self.offsets.len() as u64 <= op {
+        if self.op_max() <= op {
             return;
         }
         let header = RecordHeader {
@@ -297,7 +327,7 @@ impl Journal {
         for run in std::mem::take(&mut self.corrupt_runs) {
             // Records written since open cover the start of a tail run: zero only past them.
             let start = if run.tail {
-                run.start.max(self.size_bytes())
+                run.start.max(self.end())
             } else {
                 run.start
             };
@@ -348,8 +378,8 @@ impl Journal {
         storage: &mut impl Storage,
         op: u64,
     ) -> io::Result<Result<Entry, ReadError>> {
-        let offset = match self.offsets.get((op.wrapping_sub(1)) as usize) {
-            Some(offset) if *offset != OFFSET_NONE && op > 0 => *offset,
+        let offset = match self.offsets.get(&op) {
+            Some(offset) if *offset != OFFSET_NONE => *offset,
             _ => return Ok(Err(ReadError::Missing)),
         };
         let mut header_bytes = [0u8; RECORD_HEADER_SIZE];
@@ -371,19 +401,30 @@ impl Journal {
         })
     }
 
-    /// Highest op with a record (valid or not yet repaired).
+    /// Highest op with a record (valid or not yet repaired); 0 if none.
     pub fn op_max(&self) -> u64 {
-        self.offsets.len() as u64
+        self.offsets.last_key_value().map_or(0, |(op, _)| *op)
+    }
+
+    /// Lowest op with a record; 0 if none.
+    pub fn op_min(&self) -> u64 {
+        self.offsets.first_key_value().map_or(0, |(op, _)| *op)
     }
 
     pub fn entry_count(&self) -> u64 {
         self.offsets
-            .iter()
+            .values()
             .filter(|offset| **offset != OFFSET_NONE)
             .count() as u64
     }
 
+    /// Bytes the journal holds: from the scan start to the end of the last record.
     pub fn size_bytes(&self) -> u64 {
+        self.end() - self.start
+    }
+
+    /// Where the next record goes.
+    fn end(&self) -> u64 {
         self.durable_end + self.pending.len() as u64
     }
 }
@@ -405,7 +446,7 @@ mod tests {
     }
 
     fn reopen(storage: &mut MemoryStorage) -> (Journal, JournalScan) {
-        Journal::open(storage).unwrap()
+        Journal::open(storage, 0).unwrap()
     }
 
     #[test]
@@ -434,6 +475,46 @@ mod tests {
         }
         assert_eq!(
             journal.read(&mut storage, 4).unwrap(),
+            Err(ReadError::Missing)
+        );
+    }
+
+    #[test]
+    fn ops_a_checkpoint_covers_are_forgotten_and_the_scan_starts_after_them() {
+        let mut storage = MemoryStorage::default();
+        let (mut journal, _) = reopen(&mut storage);
+        let entries = chain(10);
+        for entry in &entries[..8] {
+            journal.append(entry);
+        }
+        journal.flush(&mut storage).unwrap();
+        // A repair rewrote op 7 after op 8: op 6's record is the oldest kept.
+        journal.append(&entries[6]);
+        journal.append(&entries[8]);
+        journal.append(&entries[9]);
+        journal.flush(&mut storage).unwrap();
+        let sixth = journal.offsets[&6];
+        journal.discard_before(6);
+        assert_eq!(
+            (journal.op_min(), journal.op_max(), journal.start()),
+            (6, 10, sixth)
+        );
+        storage.discard(Zone::Journal, journal.start()).unwrap();
+        let (journal, scan) = Journal::open(&mut storage, sixth).unwrap();
+        assert_eq!(
+            scan,
+            JournalScan::default(),
+            "nothing before the start is scanned"
+        );
+        assert_eq!((journal.op_min(), journal.op_max()), (6, 10));
+        for entry in &entries[5..] {
+            assert_eq!(
+                journal.read(&mut storage, entry.op).unwrap(),
+                Ok(entry.clone())
+            );
+        }
+        assert_eq!(
+            journal.read(&mut storage, 5).unwrap(),
             Err(ReadError::Missing)
         );
     }
@@ -476,8 +557,8 @@ mod tests {
             journal.append(entry);
         }
         journal.flush(&mut storage).unwrap();
-        let third = journal.offsets[2];
-        let fourth = journal.offsets[3];
+        let third = journal.offsets[&3];
+        let fourth = journal.offsets[&4];
         // A page that never reached the disk: zeros where op 3's record was.
         storage
             .write_at(Zone::Journal, third, &vec![0u8; (fourth - third) as usize])

@@ -80,6 +80,7 @@ pub async fn run(
     let mut connections: HashMap<u64, mpsc::Sender<Bytes>> = HashMap::new();
     let mut peers: HashMap<u8, mpsc::Sender<Bytes>> = HashMap::new();
     let mut logged = String::new();
+    let mut logged_transfers = 0;
     eprintln!(
         "replica {me}: listening on {listen}; {}",
         replica.describe()
@@ -120,15 +121,31 @@ pub async fn run(
             }
         }
         log_transitions(&replica, &mut logged);
+        if replica.state_transfers_installed() > logged_transfers {
+            logged_transfers = replica.state_transfers_installed();
+            eprintln!(
+                "replica {me}: installed a peer's checkpoint (state transfer); {}",
+                replica.describe()
+            );
+        }
     }
     replica.flush(now_ns())?;
     eprintln!("replica {me}: stopped; {}", replica.describe());
     Ok(())
 }
 
-/// Logs status and view changes, not every op.
+/// Logs status and view changes and state transfers, not every op.
 fn log_transitions(replica: &Replica<FileStorage>, logged: &mut String) {
-    let state = format!("{:?} in view {}", replica.status(), replica.view());
+    let transfer = if replica.is_transferring_state() {
+        ", transferring state"
+    } else {
+        ""
+    };
+    let state = format!(
+        "{:?} in view {}{transfer}",
+        replica.status(),
+        replica.view()
+    );
     if *logged != state {
         eprintln!(
             "replica {}: {state}; {}",

@@ -132,6 +132,15 @@ impl Storage for MemoryStorage {
         Ok(())
     }
 
+    fn discard(&mut self, zone: Zone, offset: u64) -> io::Result<()> {
+        // Zeroed, not freed: a read of discarded bytes finds nothing, as a deleted segment.
+        if let Some(bytes) = self.durable.get_mut(&zone) {
+            let end = (offset as usize).min(bytes.len());
+            bytes[..end].fill(0);
+        }
+        Ok(())
+    }
+
     fn size(&mut self, zone: Zone) -> io::Result<u64> {
         let mut size = self.durable_size(zone);
         for (write_zone, offset, bytes) in &self.unsynced {
@@ -281,6 +290,8 @@ pub struct Simulator {
     /// Safety violations seen while running, reported by `check`.
     violations: Vec<String>,
     pub crashes: u64,
+    /// Checkpoints installed by state transfer, counted when a replica goes down and at the end.
+    state_transfers: u64,
     pub corruptions: u64,
     pub replacements: u64,
     /// Print every fault and restart with the replicas' states (`VSR_SIM_TRACE=1`).
@@ -322,7 +333,9 @@ impl Simulator {
                 };
                 let mut storage = MemoryStorage::default();
                 Replica::format(&config, &mut storage, false).unwrap();
-                Node::Up(Box::new(Replica::open(config, storage, 0).unwrap()))
+                let mut replica = Replica::open(config, storage, 0).unwrap();
+                replica.record_executed();
+                Node::Up(Box::new(replica))
             })
             .collect();
         let clients = (0..client_count)
@@ -350,10 +363,23 @@ impl Simulator {
             observed_commit: vec![0; replica_count as usize],
             violations: Vec::new(),
             crashes: 0,
+            state_transfers: 0,
             corruptions: 0,
             replacements: 0,
             trace: false,
         }
+    }
+
+    pub fn state_transfers(&self) -> u64 {
+        let up: u64 = self
+            .nodes
+            .iter()
+            .map(|node| match node {
+                Node::Up(replica) => replica.state_transfers_installed(),
+                Node::Down { .. } => 0,
+            })
+            .sum();
+        self.state_transfers + up
     }
 
     pub fn now_ns(&self) -> u64 {
@@ -591,6 +617,7 @@ impl Simulator {
         let Node::Up(replica) = std::mem::replace(&mut self.nodes[index], placeholder) else {
             unreachable!()
         };
+        self.state_transfers += replica.state_transfers_installed();
         let mut storage = replica.into_storage();
         self.crashes += 1;
         if kind == Crash::Process {
@@ -671,8 +698,9 @@ impl Simulator {
                 self.catch_up_commit[index] = self.commit_max();
                 self.observed_commit[index] = 0;
             }
-            let replica = Replica::open(config, storage, self.now_ns)
+            let mut replica = Replica::open(config, storage, self.now_ns)
                 .unwrap_or_else(|error| panic!("replica {index} failed to reopen: {error}"));
+            replica.record_executed();
             self.nodes[index] = Node::Up(Box::new(replica));
             self.trace_event(&format!("restart replica {index} (replaced: {replaced})"));
         }
@@ -789,33 +817,40 @@ impl Simulator {
         self.observe_commits(index as usize);
     }
 
-    /// Compares the ops `index` executed since last time with the committed log, extending it.
-    /// An op its checkpoint covers may be gone from its journal; any later one must be there.
+    /// Adds the ops `index` executed since last time to the committed log, or compares them
+    /// with it, and checks that every executed op its checkpoint does not cover reads back
+    /// from its journal.
     fn observe_commits(&mut self, index: usize) {
         let Node::Up(replica) = &mut self.nodes[index] else {
             return;
         };
-        let from = self.observed_commit[index] + 1;
-        for op in from..=replica.commit() {
-            let Some(entry) = replica.committed_entry(op) else {
-                if op > replica.checkpoint_op() {
-                    self.violations
-                        .push(format!("replica {index}: committed op {op} unreadable"));
-                }
-                continue;
-            };
+        for entry in replica.take_executed() {
+            let op = entry.op;
             match self.committed.get(op as usize - 1) {
                 Some(existing) if existing.checksum != entry.checksum => {
                     self.violations.push(format!(
-                        "replica {index}: committed op {op} differs from another replica's"
+                        "replica {index}: executed op {op} differs from another replica's"
                     ));
                 }
                 Some(_) => {}
                 None if self.committed.len() as u64 == op - 1 => self.committed.push(entry),
                 None => self.violations.push(format!(
-                    "replica {index}: committed op {op} before anyone's op {}",
+                    "replica {index}: executed op {op} before anyone executed op {}",
                     self.committed.len() + 1
                 )),
+            }
+        }
+        let from = self.observed_commit[index].max(replica.checkpoint_op()) + 1;
+        for op in from..=replica.commit() {
+            let durable = replica.committed_entry(op);
+            let expected = self.committed.get(op as usize - 1);
+            if durable.is_none()
+                || durable.as_ref().map(|entry| entry.checksum)
+                    != expected.map(|entry| entry.checksum)
+            {
+                self.violations.push(format!(
+                    "replica {index}: committed op {op} does not read back from its journal"
+                ));
             }
         }
         self.observed_commit[index] = self.observed_commit[index].max(replica.commit());

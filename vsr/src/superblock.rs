@@ -14,7 +14,7 @@ use crate::storage::{Storage, Zone, read_exact_at};
 
 pub const COPIES: u64 = 4;
 const COPY_SIZE: u64 = 4096;
-const ENCODED_SIZE: usize = 8 + 8 * 11 + 4;
+const ENCODED_SIZE: usize = 8 + 8 * 12 + 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SuperblockState {
@@ -35,6 +35,8 @@ pub struct SuperblockState {
     pub recovering: bool,
     /// The newest durable checkpoint: a restart starts from it and replays the ops after it.
     pub checkpoint: CheckpointId,
+    /// Where the journal's scan starts: every record before it is covered by `checkpoint`.
+    pub journal_start: u64,
 }
 
 #[derive(Debug, Error)]
@@ -81,16 +83,17 @@ impl SuperblockState {
             self.checkpoint.entry_checksum,
             self.checkpoint.state_checksum,
             self.checkpoint.size_bytes,
+            self.journal_start,
         ]
         .into_iter()
         .enumerate()
         {
             out[16 + index * 8..24 + index * 8].copy_from_slice(&value.to_le_bytes());
         }
-        out[96] = self.replica;
-        out[97] = self.replica_count;
-        out[98] = self.recovering as u8;
-        out[99] = self.checkpoint.slot;
+        out[104] = self.replica;
+        out[105] = self.replica_count;
+        out[106] = self.recovering as u8;
+        out[107] = self.checkpoint.slot;
         let sum = checksum(&out[8..]);
         out[0..8].copy_from_slice(&sum.to_le_bytes());
         out
@@ -110,11 +113,12 @@ impl SuperblockState {
                 entry_checksum: u64_at(72),
                 state_checksum: u64_at(80),
                 size_bytes: u64_at(88),
-                slot: bytes[99],
+                slot: bytes[107],
             },
-            replica: bytes[96],
-            replica_count: bytes[97],
-            recovering: bytes[98] == 1,
+            journal_start: u64_at(96),
+            replica: bytes[104],
+            replica_count: bytes[105],
+            recovering: bytes[106] == 1,
         })
     }
 }
@@ -138,6 +142,7 @@ pub fn format(
         sequence: 0,
         recovering,
         checkpoint: CheckpointId::default(),
+        journal_start: 0,
     };
     for _ in 0..COPIES {
         write(storage, &mut state)?;

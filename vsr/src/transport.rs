@@ -37,9 +37,10 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     Message::from_parts(header, Bytes::from(body)).map_err(FrameError::BadBody)
 }
 
-/// Bounds memory per connection: a peer that stops reading loses messages (which VSR tolerates)
-/// instead of growing this queue.
-pub const WRITE_QUEUE_FRAMES: usize = 64 * 1024;
+/// Bounds memory per connection: a peer that stops reading loses messages (which VSR tolerates:
+/// it repairs, or fetches a checkpoint) instead of growing this queue. A few hundred
+/// milliseconds of prepares at saturation.
+pub const WRITE_QUEUE_FRAMES: usize = 1024;
 
 /// Spawns a task writing every frame sent on the returned channel; it ends when the channel
 /// closes or the socket fails.

@@ -27,12 +27,13 @@ fn run_seed(seed: u64) -> Result<String, String> {
         ));
     }
     Ok(format!(
-        "seed {seed}: {} replicas, {} acknowledged, {} crashes, {} corruptions, {} replacements, {:?}",
+        "seed {seed}: {} replicas, {} acknowledged, {} crashes, {} corruptions, {} replacements, {} state transfers, {:?}",
         replica_count,
         simulator.acknowledged.len(),
         simulator.crashes,
         simulator.corruptions,
         simulator.replacements,
+        simulator.state_transfers(),
         faults
     ))
 }

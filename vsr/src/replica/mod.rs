@@ -21,6 +21,7 @@ mod normal;
 mod recovery;
 mod repair;
 mod snapshot;
+mod state_transfer;
 mod view_change;
 
 use std::io;
@@ -40,12 +41,13 @@ use crate::message::{
     SENDER_CLIENT,
 };
 use crate::prng::Prng;
-use crate::storage::Storage;
+use crate::storage::{Storage, Zone};
 use crate::superblock::{self, SuperblockError, SuperblockState};
 
 use normal::Pipeline;
 use recovery::RecoveryState;
 use repair::RepairState;
+use state_transfer::StateTransferState;
 use view_change::ViewChangeState;
 
 pub const REPLICAS_MAX: u8 = 8;
@@ -184,6 +186,11 @@ pub enum OpenError {
     Superblock(#[from] SuperblockError),
     #[error("journal: {0}")]
     Journal(#[from] io::Error),
+    #[error(
+        "the checkpoint fails its checksum and the journal no longer holds the ops it covered; \
+         with no peer to fetch them from, this replica's state is lost"
+    )]
+    StateLost,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -268,6 +275,9 @@ pub struct Replica<S: Storage> {
 
     kv: KvStore,
     client_table: ClientTable,
+    /// Every op executed since the last `take_executed`, for a checker that follows the
+    /// committed log as it grows (the simulator); `None` keeps nothing.
+    executed: Option<Vec<Entry>>,
     /// The state after the newest op that completed a checkpoint interval, encoded when that
     /// op executed and written by the next `flush`.
     pending_checkpoint: Option<(CheckpointId, Bytes)>,
@@ -283,6 +293,7 @@ pub struct Replica<S: Storage> {
     prng: Prng,
     recovery: RecoveryState,
     repair: RepairState,
+    state_transfer: StateTransferState,
 
     snapshot: ReplicaSnapshot,
     next_snapshot_ns: u64,
@@ -309,6 +320,19 @@ impl<S: Storage> Replica<S> {
 
     pub fn commit(&self) -> u64 {
         self.commit
+    }
+
+    /// From now on, keeps every executed op for `take_executed` (a checker's view of the
+    /// committed log, which journals drop once checkpoints cover it).
+    pub fn record_executed(&mut self) {
+        self.executed.get_or_insert_with(Vec::new);
+    }
+
+    pub fn take_executed(&mut self) -> Vec<Entry> {
+        self.executed
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// The op of the newest durable checkpoint.
@@ -439,13 +463,18 @@ impl<S: Storage> Replica<S> {
             }
             (Command::RecoveryResponse, _) => self.on_recovery_response(now_ns, &message),
             (Command::RequestPrepare, _) => {
-                self.on_request_prepare(&header);
+                self.on_request_prepare(now_ns, &header);
                 Ok(())
             }
             (Command::RequestStartView, _) => {
                 self.on_request_start_view(&header);
                 Ok(())
             }
+            (Command::RequestCheckpoint, _) => {
+                self.on_request_checkpoint(&header);
+                Ok(())
+            }
+            (Command::Checkpoint, _) => self.on_checkpoint(now_ns, &message),
             (Command::Request | Command::Reply, _) => Err(RejectReason::InvalidFields),
         };
         if let Err(reason) = result {
@@ -499,6 +528,7 @@ impl<S: Storage> Replica<S> {
             }
         }
         self.on_repair_tick(now_ns);
+        self.on_state_transfer_tick(now_ns);
         if now_ns >= self.next_snapshot_ns {
             self.next_snapshot_ns = now_ns + self.config.snapshot_interval_ns;
             if self.commit > self.superblock.commit && self.status == Status::Normal {
@@ -527,6 +557,7 @@ impl<S: Storage> Replica<S> {
                 )
             });
         }
+        let mut discard_journal_before = None;
         if let Some((id, state)) = self.pending_checkpoint.take() {
             // After the journal: the superblock that names this checkpoint also claims its op
             // committed, and every op up to it must be durable by then.
@@ -534,6 +565,15 @@ impl<S: Storage> Replica<S> {
             checkpoint_file::write(&mut self.storage, id.slot, &state)?;
             self.superblock.checkpoint = id;
             self.superblock_dirty = true;
+            // Ops of the interval before the checkpoint stay for peers that lag a little.
+            let keep_from = (id.op + 1).saturating_sub(self.config.checkpoint_interval_ops);
+            if self.status != Status::Recovering {
+                self.journal.discard_before(keep_from);
+            }
+            if self.journal.start() > self.superblock.journal_start {
+                self.superblock.journal_start = self.journal.start();
+                discard_journal_before = Some(self.journal.start());
+            }
             let replica_id = self.config.replica;
             probe::checkpoint_done(|| {
                 let latency_ns = started.elapsed().as_nanos() as u64;
@@ -566,6 +606,10 @@ impl<S: Storage> Replica<S> {
                 superblock::write(&mut self.storage, &mut self.superblock)?;
             }
         }
+        // Only once a durable superblock starts the journal after them.
+        if let Some(start) = discard_journal_before {
+            self.storage.discard(Zone::Journal, start)?;
+        }
         Ok(std::mem::take(&mut self.outbox))
     }
 
@@ -580,13 +624,15 @@ impl<S: Storage> Replica<S> {
                 self.config.suffix_bytes_max
             }
             Command::Reply => crate::kv::RESULT_SIZE_MAX,
+            Command::Checkpoint => state_transfer::CHECKPOINT_CHUNK_BYTES,
             Command::Request
             | Command::PrepareOk
             | Command::Commit
             | Command::StartViewChange
             | Command::Recovery
             | Command::RequestPrepare
-            | Command::RequestStartView => 0,
+            | Command::RequestStartView
+            | Command::RequestCheckpoint => 0,
         }
     }
 

@@ -506,6 +506,9 @@ impl<S: Storage> Replica<S> {
         }
         self.commit = entry.op;
         self.commit_checksum = entry.checksum;
+        if let Some(executed) = &mut self.executed {
+            executed.push(entry.clone());
+        }
         let op = entry.op;
         if op.is_multiple_of(self.config.checkpoint_interval_ops)
             && op > self.superblock.checkpoint.op

@@ -69,7 +69,7 @@ impl<S: Storage> Replica<S> {
             config.replica,
             config.replica_count,
         )?;
-        let (journal, scan) = Journal::open(&mut storage)?;
+        let (journal, scan) = Journal::open(&mut storage, opened.state.journal_start)?;
         let replica_id = config.replica;
         for _ in 0..opened.corrupt_copies {
             probe::checksum_failure(|| (replica_id, Component::Superblock as u8, 0));
@@ -114,6 +114,7 @@ impl<S: Storage> Replica<S> {
             chain_low: 0,
             kv: KvStore::default(),
             pending_checkpoint: None,
+            executed: None,
             pipeline: Pipeline::new(quorum_size),
             last_sent_to_backups_ns: now_ns,
             last_heard_primary_ns: now_ns,
@@ -126,16 +127,25 @@ impl<S: Storage> Replica<S> {
                 responses: HashMap::new(),
             },
             repair: RepairState::default(),
+            state_transfer: Default::default(),
             reply_latencies_ns: Vec::new(),
             outbox: Vec::new(),
         };
         // A damaged superblock copy may have been the newest, acted on before the crash: the
         // copy that won may be of an older view, so this replica cannot vouch for its view.
-        if !replica.load_checkpoint()? {
-            // The journal still holds every op: replay them all onto the empty state.
+        let checkpoint_loaded = replica.load_checkpoint()?;
+        if !checkpoint_loaded {
             replica.superblock.checkpoint = Default::default();
         }
-        let state_certain = replica.replay_journal(&scan)? && opened.corrupt_copies == 0;
+        // Without its checkpoint, a journal that no longer starts at op 1 cannot rebuild the
+        // state: the replica starts empty and fetches a checkpoint from its peers.
+        let journal_whole = replica.journal.op_min() <= 1;
+        if !checkpoint_loaded && !journal_whole && replica.config.replica_count == 1 {
+            return Err(OpenError::StateLost);
+        }
+        let state_certain = replica.replay_journal(&scan)?
+            && opened.corrupt_copies == 0
+            && (checkpoint_loaded || journal_whole);
         replica.resume(now_ns, state_certain);
         Ok(replica)
     }
@@ -147,7 +157,8 @@ impl<S: Storage> Replica<S> {
     /// vote before it has heard from the cluster.
     fn replay_journal(&mut self, scan: &JournalScan) -> io::Result<bool> {
         let durable_commit = self.superblock.commit;
-        let op_max = self.journal.op_max();
+        // What the checkpoint covers may be gone from the journal.
+        let op_max = self.journal.op_max().max(self.commit);
         let mut unconfirmed: Option<Entry> = None;
         let mut op = self.commit + 1;
         while op <= durable_commit.min(op_max) {

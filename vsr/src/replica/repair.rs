@@ -9,6 +9,7 @@ use vsr_probes as probe;
 use vsr_probes::{Command, RejectReason, RepairStatus};
 
 use super::{Destination, Replica, Status};
+use crate::journal::ReadError;
 use crate::message::{Entry, Header, Message, decode_entries};
 use crate::storage::Storage;
 
@@ -189,7 +190,7 @@ impl<S: Storage> Replica<S> {
         }
     }
 
-    pub(super) fn on_request_prepare(&mut self, header: &Header) {
+    pub(super) fn on_request_prepare(&mut self, now_ns: u64, header: &Header) {
         self.assert_invariants();
         assert_eq!(header.command, Command::RequestPrepare);
         if self.status == Status::Recovering {
@@ -198,6 +199,9 @@ impl<S: Storage> Replica<S> {
         let entry = if header.op <= self.commit {
             match self.journal.read(&mut self.storage, header.op) {
                 Ok(Ok(entry)) => entry,
+                Ok(Err(ReadError::Missing)) => {
+                    return self.offer_checkpoint(now_ns, header.replica, header.op);
+                }
                 _ => return,
             }
         } else if header.op <= self.chain_low {

@@ -2,7 +2,7 @@
 //! this replica refreshes every snapshot interval.
 
 use vsr_probes as probe;
-use vsr_probes::ReplicaSnapshot;
+use vsr_probes::{ReplicaSnapshot, ReplicaStatus};
 
 use super::Replica;
 use crate::storage::Storage;
@@ -28,8 +28,14 @@ impl<S: Storage> Replica<S> {
     pub(super) fn publish_snapshot(&mut self, now_ns: u64) {
         let quorum_votes = self.quorum_votes(now_ns);
         let is_primary = self.is_primary();
+        // Status 3 is published, not a protocol status: a transfer runs in normal status.
+        let status = if self.is_transferring_state() {
+            ReplicaStatus::StateTransfer
+        } else {
+            self.status.probe_code()
+        };
         let snapshot = &mut self.snapshot;
-        snapshot.status = self.status.probe_code() as u8;
+        snapshot.status = status as u8;
         snapshot.is_primary = is_primary as u8;
         snapshot.view = self.view;
         snapshot.op = self.op;

@@ -60,7 +60,7 @@ fn corrupt_journal_entry_is_detected_and_repaired_from_peers() {
     let first = cluster.bench(&["--duration-s", "2", "--clients", "16"]);
     assert!(first.status.success() && first.acknowledged > 0);
     assert!(cluster.stop(2).success());
-    let journal = cluster.data_directory(2).join("journal.vsr");
+    let journal = cluster.first_journal_segment(2);
     corrupt_middle_byte(&journal);
     cluster.start_replica(2);
     cluster.wait_for_log(2, "Normal in view 0", Duration::from_secs(20));

@@ -265,7 +265,7 @@ fn corruption_and_repair_probes_fire_on_restart() {
     let bench = cluster.bench(&["--duration-s", "2", "--clients", "16"]);
     assert!(bench.status.success());
     assert!(cluster.stop(2).success());
-    corrupt_middle_byte(&cluster.data_directory(2).join("journal.vsr"));
+    corrupt_middle_byte(&cluster.first_journal_segment(2));
     let bpftrace = Bpftrace::attach_binary(&program(
         &cluster.binary,
         &[

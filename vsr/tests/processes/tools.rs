@@ -216,7 +216,7 @@ fn rejection_and_corruption_tools_name_the_reason_and_the_op() {
     );
 
     assert!(cluster.stop(2).success());
-    corrupt_middle_byte(&cluster.data_directory(2).join("journal.vsr"));
+    corrupt_middle_byte(&cluster.first_journal_segment(2));
     let checksums = Bpftrace::run_tool("checksum-failures.bt", None, &binary, &[]);
     cluster.start_replica(2);
     wait_until("a repair on replica 2", Duration::from_secs(20), || {

@@ -1,0 +1,112 @@
+//! Checkpoints, a bounded journal and state transfer on a real cluster: replicas on loopback
+//! with journals on disk, driven by `vsr-bench`, whose acknowledgements and read-back are the
+//! ground truth.
+
+use std::path::Path;
+use std::time::Duration;
+
+use testkit::Cluster;
+
+/// Journal segment size (`vsr::storage::JOURNAL_SEGMENT_BYTES`): the journal frees disk in
+/// whole segments, so a bound on its disk use has one segment of slack.
+const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
+
+fn signal(pid: u32, name: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Bytes the directory's files occupy on disk (allocated blocks, as `du` counts them).
+fn disk_bytes(directory: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(directory)
+        .unwrap()
+        .map(|entry| entry.unwrap().metadata().unwrap().blocks() * 512)
+        .sum()
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kilobytes: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|value| value.parse().ok())
+        .unwrap();
+    kilobytes * 1024
+}
+
+#[test]
+fn a_replica_stopped_while_the_others_checkpoint_past_it_catches_up_by_state_transfer() {
+    let mut cluster = Cluster::start("state-transfer", 3, &["--checkpoint-interval-ops", "64"]);
+    let first = cluster.bench(&["--duration-s", "1", "--clients", "16"]);
+    assert!(
+        first.status.success() && first.acknowledged > 0,
+        "{}",
+        first.stdout
+    );
+    let mark = cluster.log_mark(2);
+    signal(cluster.pid(2), "STOP");
+    // Four clients make batches of at most four requests: thousands of ops, more than the
+    // primary's queue to replica 2 holds (so replica 2 misses some), and many checkpoint
+    // intervals, so the others' journals drop the ops it missed.
+    let during = cluster.bench(&[
+        "--ops",
+        "20000",
+        "--duration-s",
+        "60",
+        "--clients",
+        "4",
+        "--verify",
+    ]);
+    during.assert_verified();
+    assert!(during.acknowledged >= 20_000, "{}", during.stdout);
+    signal(cluster.pid(2), "CONT");
+    cluster.wait_for_log_since(2, mark, "(state transfer)", Duration::from_secs(20));
+    let after = cluster.bench(&["--duration-s", "1", "--clients", "16", "--verify"]);
+    after.assert_verified();
+    // The last commit reaches the backups with the next heartbeat (50 ms).
+    std::thread::sleep(Duration::from_millis(300));
+    let commits = cluster.stop_all_and_commits();
+    assert!(
+        commits.iter().all(|commit| *commit == commits[0]),
+        "replica 2 caught up: commits {commits:?}"
+    );
+}
+
+#[test]
+fn the_journal_and_memory_stay_bounded_as_operations_accumulate() {
+    let cluster = Cluster::start("bounded", 3, &["--checkpoint-interval-ops", "256"]);
+    let first = cluster.bench(&["--ops", "100000", "--duration-s", "300", "--clients", "32"]);
+    assert!(first.status.success(), "{}", first.stdout);
+    let directory = cluster.data_directory(0);
+    let (disk_first, rss_first) = (disk_bytes(&directory), rss_bytes(cluster.pid(0)));
+    let more = cluster.bench(&[
+        "--ops",
+        "300000",
+        "--duration-s",
+        "300",
+        "--clients",
+        "32",
+        "--verify",
+    ]);
+    more.assert_verified();
+    assert!(more.acknowledged >= 300_000, "{}", more.stdout);
+    let (disk_more, rss_more) = (disk_bytes(&directory), rss_bytes(cluster.pid(0)));
+    eprintln!(
+        "after 100,000 ops: {disk_first} bytes on disk, {rss_first} bytes RSS; \
+         after 300,000 more: {disk_more} bytes on disk, {rss_more} bytes RSS"
+    );
+    assert!(
+        disk_more <= disk_first.max(SEGMENT_BYTES) + SEGMENT_BYTES,
+        "the data directory grew from {disk_first} to {disk_more} bytes"
+    );
+    assert!(
+        rss_more <= rss_first + rss_first / 4 + 8 * 1024 * 1024,
+        "replica 0's RSS grew from {rss_first} to {rss_more} bytes"
+    );
+}
