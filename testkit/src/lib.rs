@@ -380,8 +380,13 @@ impl Drop for Cluster {
 }
 
 fn send_sigterm(pid: u32) {
+    signal(pid, "TERM");
+}
+
+/// Sends the signal `name` (`STOP`, `CONT`, `USR1`…) to `pid`.
+pub fn signal(pid: u32, name: &str) {
     let status = Command::new("kill")
-        .arg("-TERM")
+        .arg(format!("-{name}"))
         .arg(pid.to_string())
         .status()
         .unwrap();

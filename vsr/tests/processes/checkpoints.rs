@@ -5,20 +5,11 @@
 use std::path::Path;
 use std::time::Duration;
 
-use testkit::Cluster;
+use testkit::{Cluster, signal};
 
 /// Journal segment size (`vsr::storage::JOURNAL_SEGMENT_BYTES`): the journal frees disk in
 /// whole segments, so a bound on its disk use has one segment of slack.
 const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
-
-fn signal(pid: u32, name: &str) {
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(pid.to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
 
 /// Bytes the directory's files occupy on disk (allocated blocks, as `du` counts them).
 fn disk_bytes(directory: &Path) -> u64 {

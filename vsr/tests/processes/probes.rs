@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::cluster::{register_frame, send_malformed_frames};
 use testkit::{
-    BenchResult, Bpftrace, Cluster, corrupt_middle_byte, map_value, tagged_rows, wait_until,
+    BenchResult, Bpftrace, Cluster, corrupt_middle_byte, map_value, signal, tagged_rows, wait_until,
 };
 
 fn program(binary: &Path, probes: &[(&str, &str)]) -> String {
@@ -453,15 +453,6 @@ fn every_probe_is_in_the_binary_and_the_reference_and_a_no_probe_build_has_none(
         sections.contains(".text") && !sections.contains("stapsdt"),
         "no-probe build carries notes"
     );
-}
-
-fn signal(pid: u32, name: &str) {
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(pid.to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
 }
 
 #[test]
