@@ -209,6 +209,9 @@ probes! {
     /// State transfer finished: the checkpoint of `checkpoint_op` (`bytes` long) is this
     /// replica's state, `latency_ns` after the transfer started.
     fn state_transfer_done(replica_id: u8, checkpoint_op: u64, bytes: u64, latency_ns: u64);
+    /// The scrubber read back every committed journal record it keeps (`ops`), the checkpoint
+    /// and the superblock copies, finding `corruptions` damaged, in `latency_ns`.
+    fn scrub_tour_done(replica_id: u8, ops: u64, corruptions: u32, latency_ns: u64);
     /// A checksum mismatch in durable state (component: see `Component`); `op` for the log.
     fn checksum_failure(replica_id: u8, component: u8, op: u64);
     /// A message rejected before the protocol saw it (reason: see `RejectReason`).

@@ -25,6 +25,9 @@ const KIND_ENTRY: u8 = 1;
 const KIND_TRUNCATE: u8 = 2;
 /// Covers a stretch erased after recovery: skipped by the scan, never a gap.
 const KIND_PADDING: u8 = 3;
+/// Names the head of a log adopted from another replica (op, entry checksum) before its entry
+/// may be here: the head a restart resumes from, whatever older records above the commit say.
+const KIND_HEAD: u8 = 4;
 const OFFSET_NONE: u64 = u64::MAX;
 
 /// What `Journal::open` found on disk.
@@ -75,6 +78,9 @@ pub struct Journal {
     pending_records: u32,
     /// Found at open; erased once the replica no longer needs what they may have hidden.
     corrupt_runs: Vec<CorruptRun>,
+    /// The newest head record (op, entry checksum) not superseded by a later entry above it
+    /// or a truncation below it.
+    head: Option<(u64, u64)>,
 }
 
 struct RecordHeader {
@@ -117,7 +123,7 @@ impl RecordHeader {
         };
         let valid = match header.kind {
             KIND_ENTRY => header.op > 0,
-            KIND_TRUNCATE => header.op > 0 && header.body_size == 0,
+            KIND_TRUNCATE | KIND_HEAD => header.op > 0 && header.body_size == 0,
             KIND_PADDING => header.op == 0,
             _ => false,
         };
@@ -145,6 +151,7 @@ impl Journal {
             pending: Vec::new(),
             pending_records: 0,
             corrupt_runs: Vec::new(),
+            head: None,
         };
         let mut scan = JournalScan::default();
         let mut offset = start;
@@ -177,6 +184,7 @@ impl Journal {
             }
             match header.kind {
                 KIND_PADDING => {}
+                KIND_HEAD => journal.head = Some((header.op, header.entry_checksum)),
                 KIND_TRUNCATE => {
                     journal.truncate_index(header.op);
                     scan.corrupt_ops.retain(|op| *op <= header.op);
@@ -211,10 +219,37 @@ impl Journal {
 
     fn set_offset(&mut self, op: u64, offset: u64) {
         self.offsets.insert(op, offset);
+        if self.head.is_some_and(|(head, _)| op > head) {
+            self.head = None;
+        }
     }
 
     fn truncate_index(&mut self, op: u64) {
         self.offsets.split_off(&(op + 1));
+        if self.head.is_some_and(|(head, _)| head > op) {
+            self.head = None;
+        }
+    }
+
+    /// Buffers a record naming `(op, checksum)` the log's head, for a head adopted from
+    /// another replica whose entry may not be here yet.
+    pub fn pin_head(&mut self, op: u64, checksum: u64) {
+        assert!(op > 0);
+        let header = RecordHeader {
+            kind: KIND_HEAD,
+            op,
+            view: 0,
+            parent: 0,
+            entry_checksum: checksum,
+            body_size: 0,
+        };
+        self.push_record(&header, &[]);
+        self.head = Some((op, checksum));
+    }
+
+    /// The newest pinned head still in force: no entry above it or truncation below it since.
+    pub fn pinned_head(&self) -> Option<(u64, u64)> {
+        self.head
     }
 
     /// Forgets every op below `keep_from` (a checkpoint covers them), moving the scan start
@@ -404,6 +439,12 @@ impl Journal {
     /// Highest op with a record (valid or not yet repaired); 0 if none.
     pub fn op_max(&self) -> u64 {
         self.offsets.last_key_value().map_or(0, |(op, _)| *op)
+    }
+
+    /// Where the body of `op`'s newest record starts in the journal, if it has a valid one.
+    pub fn body_offset(&self, op: u64) -> Option<u64> {
+        let offset = *self.offsets.get(&op)?;
+        (offset != OFFSET_NONE).then_some(offset + RECORD_HEADER_SIZE as u64)
     }
 
     /// Lowest op with a record; 0 if none.

@@ -166,6 +166,8 @@ pub struct Faults {
     pub replace_on_crash_percent: u64,
     /// When every replica crashes at once, if at all.
     pub cluster_crash_ns: Option<u64>,
+    /// A byte of a running replica's journal rots: its scrubber must find and repair it.
+    pub corrupt_running_percent_per_second: u64,
 }
 
 impl Faults {
@@ -179,6 +181,7 @@ impl Faults {
             corrupt_on_crash_percent: 0,
             replace_on_crash_percent: 0,
             cluster_crash_ns: None,
+            corrupt_running_percent_per_second: 0,
         }
     }
 
@@ -195,6 +198,7 @@ impl Faults {
             cluster_crash_ns: prng
                 .chance(30)
                 .then(|| (1 + prng.below(18)) * 1_000_000_000),
+            corrupt_running_percent_per_second: prng.below(30),
         }
     }
 }
@@ -292,6 +296,10 @@ pub struct Simulator {
     pub crashes: u64,
     /// Checkpoints installed by state transfer, counted when a replica goes down and at the end.
     state_transfers: u64,
+    /// Per replica whose running journal was corrupted: its scrub tours then. It counts as
+    /// faulty until a whole tour has run since and nothing it found awaits repair.
+    scrub_pending: Vec<Option<u64>>,
+    pub corruptions_running: u64,
     pub corruptions: u64,
     pub replacements: u64,
     /// Print every fault and restart with the replicas' states (`VSR_SIM_TRACE=1`).
@@ -324,6 +332,7 @@ impl Simulator {
         config.repair_window = 1 + prng.below(16);
         // Often enough that restarts load checkpoints and replay a suffix.
         config.checkpoint_interval_ops = 1 + prng.below(48);
+        config.scrub_ops_per_second = 64 + prng.below(1024);
         let nodes = (0..replica_count)
             .map(|replica| {
                 let config = Config {
@@ -364,6 +373,8 @@ impl Simulator {
             violations: Vec::new(),
             crashes: 0,
             state_transfers: 0,
+            scrub_pending: vec![None; replica_count as usize],
+            corruptions_running: 0,
             corruptions: 0,
             replacements: 0,
             trace: false,
@@ -398,10 +409,13 @@ impl Simulator {
             .nodes
             .iter()
             .zip(&self.catch_up_commit)
-            .filter(|(node, catch_up_commit)| match node {
+            .zip(&self.scrub_pending)
+            .filter(|((node, catch_up_commit), scrub_pending)| match node {
                 Node::Down { .. } => true,
                 Node::Up(replica) => {
-                    replica.status() == Status::Recovering || replica.commit() < **catch_up_commit
+                    replica.status() == Status::Recovering
+                        || replica.commit() < **catch_up_commit
+                        || scrub_pending.is_some()
                 }
             })
             .count();
@@ -437,10 +451,45 @@ impl Simulator {
             self.step();
             if self.settled() {
                 self.trace_event("settled");
+                return self.scrub_through(end);
+            }
+        }
+        false
+    }
+
+    /// Runs until every replica's scrubber has toured its whole journal twice more with nothing
+    /// awaiting repair (the log no longer grows), so that `check` may expect every record to
+    /// read back.
+    fn scrub_through(&mut self, end_ns: u64) -> bool {
+        let tours_now = self.scrub_tours();
+        while self.now_ns < end_ns {
+            self.step();
+            let scrubbed = self
+                .nodes
+                .iter()
+                .zip(&tours_now)
+                .all(|(node, before)| match node {
+                    Node::Up(replica) => {
+                        replica.scrub_tours_completed() >= before + 2
+                            && replica.scrub_corrupt_ops() == 0
+                    }
+                    Node::Down { .. } => true,
+                });
+            if scrubbed {
                 return true;
             }
         }
         false
+    }
+
+    fn scrub_tours(&self) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .map(|node| match node {
+                Node::Up(replica) => replica.scrub_tours_completed(),
+                Node::Down { .. } => 0,
+            })
+            .collect()
     }
 
     fn trace_event(&self, event: &str) {
@@ -524,6 +573,12 @@ impl Simulator {
         if !self.now_ns.is_multiple_of(100_000_000) {
             return;
         }
+        self.clear_scrubbed();
+        let corrupt = self.faults.corrupt_running_percent_per_second;
+        if corrupt > 0 && self.prng.below(1000) < corrupt && self.faulty_count() < self.f() {
+            let index = self.prng.below(u64::from(self.replica_count())) as usize;
+            self.corrupt_running(index);
+        }
         // Per 100 ms step: the per-second percentages divided by ten.
         if let Some(cluster_crash_ns) = self.faults.cluster_crash_ns
             && self.now_ns >= cluster_crash_ns
@@ -564,6 +619,56 @@ impl Simulator {
                 Cut::Both
             };
             self.cut(replica, cut, duration);
+        }
+    }
+
+    /// Flips a byte in the body of a committed record of a running replica's journal, as bit
+    /// rot would. Only bodies: a rotten header found at a restart, even of a record since
+    /// replaced, makes the replica recover, and more of those than f at once is more than
+    /// the cluster survives (docs/replica.md, known limits).
+    fn corrupt_running(&mut self, index: usize) {
+        let Node::Up(replica) = &mut self.nodes[index] else {
+            return;
+        };
+        let low = replica.checkpoint_op() + 1;
+        if replica.commit() < low {
+            return;
+        }
+        let op = low + self.prng.below(replica.commit() - low + 1);
+        let (Some(body_offset), Some(entry)) = (
+            replica.journal_body_offset(op),
+            self.committed.get(op as usize - 1),
+        ) else {
+            return;
+        };
+        if entry.body.is_empty() {
+            return;
+        }
+        let offset = body_offset + self.prng.below(entry.body.len() as u64);
+        replica.storage_mut().corrupt_byte(Zone::Journal, offset);
+        self.scrub_pending[index] = Some(replica.scrub_tours_completed());
+        self.corruptions_running += 1;
+        self.trace_event(&format!(
+            "corrupt running replica {index} journal byte {offset}"
+        ));
+    }
+
+    /// A replica whose running journal was corrupted is whole again once a tour that started
+    /// after the corruption finished and nothing it found awaits a peer's copy.
+    fn clear_scrubbed(&mut self) {
+        for (node, pending) in self.nodes.iter().zip(&mut self.scrub_pending) {
+            match node {
+                Node::Up(replica) => {
+                    if pending.is_some_and(|tours| {
+                        replica.scrub_tours_completed() > tours + 1
+                            && replica.scrub_corrupt_ops() == 0
+                    }) {
+                        *pending = None;
+                    }
+                }
+                // Its restart scans the journal: the corruption is found there.
+                Node::Down { .. } => *pending = None,
+            }
         }
     }
 
@@ -840,16 +945,18 @@ impl Simulator {
                 )),
             }
         }
+        // A record that does not read back at all may have rotted since it was written: the
+        // scrubber repairs it, and `check` expects it back at the end.
         let from = self.observed_commit[index].max(replica.checkpoint_op()) + 1;
         for op in from..=replica.commit() {
-            let durable = replica.committed_entry(op);
-            let expected = self.committed.get(op as usize - 1);
-            if durable.is_none()
-                || durable.as_ref().map(|entry| entry.checksum)
-                    != expected.map(|entry| entry.checksum)
-            {
+            let durable = replica.committed_entry(op).map(|entry| entry.checksum);
+            let expected = self
+                .committed
+                .get(op as usize - 1)
+                .map(|entry| entry.checksum);
+            if durable.is_some() && durable != expected {
                 self.violations.push(format!(
-                    "replica {index}: committed op {op} does not read back from its journal"
+                    "replica {index}: committed op {op} reads back as another entry"
                 ));
             }
         }
@@ -907,6 +1014,25 @@ impl Simulator {
         }
         if let Some(violation) = self.violations.first() {
             return Err(violation.clone());
+        }
+        // Corruption found while running was repaired: every kept committed record reads back.
+        for (index, node) in self.nodes.iter_mut().enumerate() {
+            let Node::Up(replica) = node else {
+                continue;
+            };
+            for op in replica.checkpoint_op() + 1..=replica.commit() {
+                let durable = replica.committed_entry(op).map(|entry| entry.checksum);
+                if durable
+                    != self
+                        .committed
+                        .get(op as usize - 1)
+                        .map(|entry| entry.checksum)
+                {
+                    return Err(format!(
+                        "replica {index}: committed op {op} does not read back at the end"
+                    ));
+                }
+            }
         }
         let mut model = KvStore::default();
         let mut sessions = ClientTable::new(self.config.client_sessions_max);

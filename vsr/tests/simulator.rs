@@ -27,11 +27,12 @@ fn run_seed(seed: u64) -> Result<String, String> {
         ));
     }
     Ok(format!(
-        "seed {seed}: {} replicas, {} acknowledged, {} crashes, {} corruptions, {} replacements, {} state transfers, {:?}",
+        "seed {seed}: {} replicas, {} acknowledged, {} crashes, {} corruptions ({} while running), {} replacements, {} state transfers, {:?}",
         replica_count,
         simulator.acknowledged.len(),
         simulator.crashes,
         simulator.corruptions,
+        simulator.corruptions_running,
         simulator.replacements,
         simulator.state_transfers(),
         faults

@@ -80,6 +80,10 @@ struct StartArguments {
     /// this many committed ops from the journal.
     #[arg(long, default_value_t = Config::new(0, 0, 1).checkpoint_interval_ops)]
     checkpoint_interval_ops: u64,
+    /// Committed journal records the background scrubber reads back per second (0: off); each
+    /// tour also checks the checkpoint and the superblock copies.
+    #[arg(long, default_value_t = Config::new(0, 0, 1).scrub_ops_per_second)]
+    scrub_ops_per_second: u64,
 }
 
 fn main() -> ExitCode {
@@ -146,6 +150,7 @@ fn start(arguments: StartArguments) -> anyhow::Result<()> {
     );
     config.request_bytes_max = arguments.request_bytes_max;
     config.checkpoint_interval_ops = arguments.checkpoint_interval_ops;
+    config.scrub_ops_per_second = arguments.scrub_ops_per_second;
     let since_epoch = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();

@@ -20,6 +20,7 @@ mod checkpoint;
 mod normal;
 mod recovery;
 mod repair;
+mod scrub;
 mod snapshot;
 mod state_transfer;
 mod view_change;
@@ -47,6 +48,7 @@ use crate::superblock::{self, SuperblockError, SuperblockState};
 use normal::Pipeline;
 use recovery::RecoveryState;
 use repair::RepairState;
+use scrub::ScrubState;
 use state_transfer::StateTransferState;
 use view_change::ViewChangeState;
 
@@ -87,6 +89,9 @@ pub struct Config {
     /// Committed ops between two checkpoints of the state machine: a restart replays at most
     /// this many ops (plus the uncommitted suffix) from the journal.
     pub checkpoint_interval_ops: u64,
+    /// Committed journal records the scrubber reads back per second (0: no scrubbing); each
+    /// tour also checks the checkpoint and the superblock copies.
+    pub scrub_ops_per_second: u64,
     /// Different in every process that opens this replica (the runtime takes it from the wall
     /// clock and pid): recovery nonces must not repeat across restarts, and `now_ns` starts
     /// at 0 in every process.
@@ -112,6 +117,7 @@ impl Config {
             suffix_max: 64,
             suffix_bytes_max: 1024 * 1024,
             checkpoint_interval_ops: 2048,
+            scrub_ops_per_second: 512,
             nonce_entropy: 0,
         }
     }
@@ -294,6 +300,7 @@ pub struct Replica<S: Storage> {
     recovery: RecoveryState,
     repair: RepairState,
     state_transfer: StateTransferState,
+    scrub: ScrubState,
 
     snapshot: ReplicaSnapshot,
     next_snapshot_ns: u64,
@@ -333,6 +340,12 @@ impl<S: Storage> Replica<S> {
             .as_mut()
             .map(std::mem::take)
             .unwrap_or_default()
+    }
+
+    /// Where the body of committed `op`'s record starts in the journal (for a simulator that
+    /// rots records the scrubber reads).
+    pub fn journal_body_offset(&self, op: u64) -> Option<u64> {
+        self.journal.body_offset(op)
     }
 
     /// The op of the newest durable checkpoint.
@@ -529,6 +542,7 @@ impl<S: Storage> Replica<S> {
         }
         self.on_repair_tick(now_ns);
         self.on_state_transfer_tick(now_ns);
+        self.on_scrub_tick(now_ns);
         if now_ns >= self.next_snapshot_ns {
             self.next_snapshot_ns = now_ns + self.config.snapshot_interval_ns;
             if self.commit > self.superblock.commit && self.status == Status::Normal {

@@ -278,6 +278,10 @@ impl<S: Storage> Replica<S> {
         if !entry.checksum_valid() {
             return Err(RejectReason::EntryChecksum);
         }
+        if entry.op <= self.commit && self.scrub_awaits(entry.op) {
+            self.repair_scrubbed(now_ns, entry);
+            return Ok(());
+        }
         let from_primary =
             from == self.config.primary_of(header.view) && from != self.config.replica;
         if header.view > self.view && from_primary && self.status != Status::Recovering {

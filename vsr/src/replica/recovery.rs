@@ -128,6 +128,7 @@ impl<S: Storage> Replica<S> {
             },
             repair: RepairState::default(),
             state_transfer: Default::default(),
+            scrub: Default::default(),
             reply_latencies_ns: Vec::new(),
             outbox: Vec::new(),
         };
@@ -209,7 +210,17 @@ impl<S: Storage> Replica<S> {
             self.chain_low = self.commit;
             return Ok(true);
         }
-        if op_max > self.commit {
+        let pinned = self
+            .journal
+            .pinned_head()
+            .filter(|(op, _)| *op > self.commit);
+        if let Some((head_op, head_checksum)) = pinned {
+            // A head adopted from another replica: what the journal holds below it is
+            // verified against it, and older records of another log are repaired over.
+            self.op = head_op;
+            self.head_checksum = head_checksum;
+            self.chain_low = head_op;
+        } else if op_max > self.commit {
             // The newest record is the head; if it cannot be read, its checksum is unknown.
             let Some(head) = self.candidates.remove(&op_max) else {
                 return Ok(false);

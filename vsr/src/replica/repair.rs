@@ -202,7 +202,8 @@ impl<S: Storage> Replica<S> {
                 Ok(Err(ReadError::Missing)) => {
                     return self.offer_checkpoint(now_ns, header.replica, header.op);
                 }
-                _ => return,
+                Ok(Err(ReadError::Corrupt)) => return self.found_corrupt_op(now_ns, header.op),
+                Err(_) => return,
             }
         } else if header.op <= self.chain_low {
             return;
@@ -233,6 +234,11 @@ impl<S: Storage> Replica<S> {
         }
         if self.journal.op_max() > head_op {
             self.journal.truncate(head_op.max(1));
+        }
+        // Durable with the superblock that may claim this log's view: a restart resumes from
+        // this head, not from whatever older records above the commit the journal holds.
+        if head_op > self.commit {
+            self.journal.pin_head(head_op, head_checksum);
         }
         self.candidates.retain(|op, _| *op <= head_op);
         self.op = head_op;
