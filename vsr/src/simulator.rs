@@ -5,10 +5,11 @@
 //! Faults: crash and restart (a power loss: unsynced writes lost, the first possibly torn), a
 //! crash of every replica at once (a kill -9 of each process: what was written survives,
 //! synced or not), a replica whose data is lost and that is re-formatted as a replacement,
-//! network partitions, message loss, duplication, delay and reordering, and corruption of a
-//! crashed replica's journal or superblock. Apart from the crash of the whole cluster, at most
-//! `f` replicas are down, recovering or partitioned at a time, which is what VSR promises to
-//! survive.
+//! network partitions, message loss, duplication, delay and reordering, corruption of a
+//! crashed replica's journal or superblock, and replicas crashed for good (never restarted,
+//! not even when the run heals: the rest must keep committing without them). Apart from the
+//! crash of the whole cluster, at most `f` replicas are down, recovering or partitioned at a
+//! time, which is what VSR promises to survive.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -142,6 +143,8 @@ pub struct Faults {
     pub replace_on_crash_percent: u64,
     /// When every replica crashes at once, if at all.
     pub cluster_crash_ns: Option<u64>,
+    /// A crash is for good: the replica never comes back (at most f of them).
+    pub permanent_crash_percent: u64,
 }
 
 impl Faults {
@@ -155,6 +158,7 @@ impl Faults {
             corrupt_on_crash_percent: 0,
             replace_on_crash_percent: 0,
             cluster_crash_ns: None,
+            permanent_crash_percent: 0,
         }
     }
 
@@ -171,6 +175,7 @@ impl Faults {
             cluster_crash_ns: prng
                 .chance(30)
                 .then(|| (1 + prng.below(18)) * 1_000_000_000),
+            permanent_crash_percent: if prng.chance(25) { prng.below(100) } else { 0 },
         }
     }
 }
@@ -208,6 +213,8 @@ enum Node {
         restart_ns: u64,
         /// Its data is lost: it restarts re-formatted as a replacement.
         replaced: bool,
+        /// Never restarts, not even when the run heals.
+        permanent: bool,
     },
 }
 
@@ -261,6 +268,8 @@ pub struct Simulator {
     pub crashes: u64,
     pub corruptions: u64,
     pub replacements: u64,
+    /// Replicas crashed for good.
+    pub lost: u64,
     /// Print every fault and restart with the replicas' states (`VSR_SIM_TRACE=1`).
     pub trace: bool,
 }
@@ -325,6 +334,7 @@ impl Simulator {
             crashes: 0,
             corruptions: 0,
             replacements: 0,
+            lost: 0,
             trace: false,
         }
     }
@@ -374,7 +384,12 @@ impl Simulator {
         self.faults = Faults::none();
         self.partition = None;
         for node in &mut self.nodes {
-            if let Node::Down { restart_ns, .. } = node {
+            if let Node::Down {
+                restart_ns,
+                permanent: false,
+                ..
+            } = node
+            {
                 *restart_ns = 0;
             }
         }
@@ -434,7 +449,7 @@ impl Simulator {
             })
             .collect();
         clients_done
-            && replicas.len() == self.nodes.len()
+            && replicas.len() + self.permanent_count() == self.nodes.len()
             && replicas.iter().all(|replica| {
                 replica.commit() == replicas[0].commit() && replica.op() == replica.commit()
             })
@@ -484,7 +499,13 @@ impl Simulator {
         let crash = self.faults.crash_percent_per_second;
         if crash > 0 && self.prng.below(1000) < crash && self.faulty_count() < self.f().max(1) {
             let index = self.prng.below(u64::from(self.replica_count())) as usize;
-            self.crash(index, Crash::PowerLoss);
+            let permanent = self.prng.chance(self.faults.permanent_crash_percent)
+                && self.permanent_count() < self.f();
+            if permanent {
+                self.crash_for_good(index as u8);
+            } else {
+                self.crash(index, Crash::PowerLoss);
+            }
         }
         if let Some(partition) = self.partition
             && self.now_ns >= partition.until_ns
@@ -538,6 +559,19 @@ impl Simulator {
             .collect()
     }
 
+    /// The replica that is up, normal and primary in the highest view, if any.
+    pub fn primary(&self) -> Option<u8> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(index, node)| match node {
+                Node::Up(replica) if replica.is_primary() => Some((replica.view(), index as u8)),
+                _ => None,
+            })
+            .max()
+            .map(|(_, index)| index)
+    }
+
     /// The highest commit of any replica that is up.
     pub fn commit_max(&self) -> u64 {
         self.nodes
@@ -560,6 +594,7 @@ impl Simulator {
             storage: MemoryStorage::default(),
             restart_ns,
             replaced: false,
+            permanent: false,
         };
         let Node::Up(replica) = std::mem::replace(&mut self.nodes[index], placeholder) else {
             unreachable!()
@@ -572,6 +607,7 @@ impl Simulator {
                 storage,
                 restart_ns,
                 replaced: false,
+                permanent: false,
             };
             return;
         }
@@ -584,6 +620,7 @@ impl Simulator {
                 storage: MemoryStorage::default(),
                 restart_ns,
                 replaced: true,
+                permanent: false,
             };
             return;
         }
@@ -609,7 +646,43 @@ impl Simulator {
             storage,
             restart_ns,
             replaced: false,
+            permanent: false,
         };
+    }
+
+    /// Crashes `replica` for good: it never restarts, not even when the run heals.
+    pub fn crash_for_good(&mut self, replica: u8) {
+        assert!(
+            self.permanent_count() < self.f(),
+            "at most f replicas are lost"
+        );
+        self.crash(replica as usize, Crash::PowerLoss);
+        if let Node::Down {
+            restart_ns,
+            permanent,
+            ..
+        } = &mut self.nodes[replica as usize]
+        {
+            *restart_ns = u64::MAX;
+            *permanent = true;
+        }
+        self.lost += 1;
+        self.trace_event(&format!("replica {replica} is lost for good"));
+    }
+
+    fn permanent_count(&self) -> usize {
+        self.nodes
+            .iter()
+            .filter(|node| {
+                matches!(
+                    node,
+                    Node::Down {
+                        permanent: true,
+                        ..
+                    }
+                )
+            })
+            .count()
     }
 
     fn restart_due(&mut self) {
@@ -628,6 +701,7 @@ impl Simulator {
                     storage: MemoryStorage::default(),
                     restart_ns: u64::MAX,
                     replaced: false,
+                    permanent: false,
                 },
             )
             else {

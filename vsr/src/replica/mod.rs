@@ -16,6 +16,7 @@
 //! chain and fetching missing entries) and `snapshot` (the state published to tracers). Each
 //! phase keeps its state in its own struct.
 
+mod nack;
 mod normal;
 mod recovery;
 mod repair;
@@ -35,7 +36,7 @@ use crate::journal::Journal;
 use crate::kv::KvStore;
 use crate::message::{
     BatchedRequest, Entry, HEADER_SIZE, Header, LIST_PREFIX_SIZE, MESSAGE_SIZE_MAX, Message,
-    SENDER_CLIENT,
+    OP_HEADERS_BYTES_MAX, SENDER_CLIENT,
 };
 use crate::prng::Prng;
 use crate::storage::Storage;
@@ -123,12 +124,13 @@ impl Config {
         }
         let body_bytes_max = MESSAGE_SIZE_MAX - HEADER_SIZE;
         if self.batch_bytes_max > body_bytes_max
-            || self.suffix_bytes_max > body_bytes_max
+            || self.suffix_bytes_max + OP_HEADERS_BYTES_MAX > body_bytes_max
             || self.suffix_bytes_max < LIST_PREFIX_SIZE
         {
             return Err(OpenError::Config(format!(
-                "a batch ({} bytes) and a view change's suffix ({} bytes) must fit in a message \
-                 body of {body_bytes_max} bytes (a suffix takes at least {LIST_PREFIX_SIZE})",
+                "a batch ({} bytes) and a view change's suffix ({} bytes, plus {OP_HEADERS_BYTES_MAX} \
+                 of op headers) must fit in a message body of {body_bytes_max} bytes (a suffix \
+                 takes at least {LIST_PREFIX_SIZE})",
                 self.batch_bytes_max, self.suffix_bytes_max
             )));
         }
@@ -507,6 +509,7 @@ impl<S: Storage> Replica<S> {
             // longer depends on it: erase it before the superblock stops saying "recovering".
             self.journal.erase_corrupt_runs(&mut self.storage)?;
         }
+        self.advance_nack_floor();
         if self.superblock_dirty {
             self.superblock_dirty = false;
             self.superblock.view = self.view;
@@ -538,9 +541,8 @@ impl<S: Storage> Replica<S> {
     fn body_bytes_max(&self, command: Command) -> usize {
         match command {
             Command::Prepare => self.config.batch_bytes_max,
-            Command::DoViewChange | Command::StartView | Command::RecoveryResponse => {
-                self.config.suffix_bytes_max
-            }
+            Command::DoViewChange => self.config.suffix_bytes_max + OP_HEADERS_BYTES_MAX,
+            Command::StartView | Command::RecoveryResponse => self.config.suffix_bytes_max,
             Command::Reply => crate::kv::RESULT_SIZE_MAX,
             Command::Request
             | Command::PrepareOk
