@@ -5,6 +5,7 @@
 pub mod checksum;
 pub mod client;
 pub mod client_table;
+mod identity;
 pub mod journal;
 pub mod kv;
 pub mod message;

@@ -218,6 +218,7 @@ impl Message {
                 header.commit <= header.op
             }
             Command::Reply => false,
+            Command::Hello => self.body.is_empty(),
             _ => true,
         };
         if fields_valid {

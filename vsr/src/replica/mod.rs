@@ -72,6 +72,11 @@ pub struct Config {
     pub request_bytes_max: usize,
     pub request_queue_max: usize,
     pub client_sessions_max: usize,
+    /// An op more than this above the replica's commit is refused: the journal's index grows
+    /// with the highest op held (8 bytes an op), so no message can make the replica allocate
+    /// for ops it has not committed beyond this window. A replica further behind than this
+    /// would need state transfer.
+    pub op_ahead_max: u64,
     /// Missing entries requested at once while repairing.
     pub repair_window: u64,
     /// Entries shipped at most in one DoViewChange, StartView or RecoveryResponse; anything
@@ -102,6 +107,7 @@ impl Config {
             request_bytes_max: crate::kv::OPERATION_SIZE_MAX,
             request_queue_max: 64 * 1024,
             client_sessions_max: 16 * 1024,
+            op_ahead_max: 1 << 20,
             repair_window: 64,
             suffix_max: 64,
             suffix_bytes_max: 1024 * 1024,
@@ -383,6 +389,13 @@ impl<S: Storage> Replica<S> {
         if !sender_valid {
             return self.on_rejected(RejectReason::UnknownReplica, source);
         }
+        let sets_head = matches!(
+            message.header.command,
+            Command::Prepare | Command::StartView | Command::DoViewChange
+        );
+        if sets_head && message.header.op > self.commit.saturating_add(self.config.op_ahead_max) {
+            return self.on_rejected(RejectReason::OpOutOfWindow, source);
+        }
         let command = message.header.command;
         let bytes = message.header.size;
         self.snapshot.count_received(command, bytes as usize);
@@ -423,6 +436,8 @@ impl<S: Storage> Replica<S> {
                 self.on_request_start_view(&header);
                 Ok(())
             }
+            // The transport fixed the connection's replica with it; nothing to do.
+            (Command::Hello, _) => Ok(()),
             (Command::Request | Command::Reply, _) => Err(RejectReason::InvalidFields),
         };
         if let Err(reason) = result {
@@ -550,7 +565,8 @@ impl<S: Storage> Replica<S> {
             | Command::StartViewChange
             | Command::Recovery
             | Command::RequestPrepare
-            | Command::RequestStartView => 0,
+            | Command::RequestStartView
+            | Command::Hello => 0,
         }
     }
 

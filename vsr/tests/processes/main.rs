@@ -2,5 +2,6 @@
 
 mod cluster;
 mod documents;
+mod identity;
 mod probes;
 mod tools;
