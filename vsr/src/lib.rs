@@ -9,6 +9,7 @@ mod identity;
 pub mod journal;
 pub mod kv;
 pub mod message;
+pub mod online_checks;
 pub mod prng;
 pub mod replica;
 pub mod runtime;

@@ -20,6 +20,7 @@ use crate::client::{Client, ReplyOutcome};
 use crate::client_table::{ClientTable, Lookup};
 use crate::kv::{KvStore, Operation};
 use crate::message::{LIST_PREFIX_SIZE, Message, REGISTER_REQUEST_NUMBER, decode_batch};
+use crate::online_checks::{Observation, OnlineChecks};
 use crate::prng::Prng;
 use crate::replica::{Config, Destination, Outgoing, Replica, Source, Status};
 use crate::storage::{Storage, Zone};
@@ -270,6 +271,8 @@ pub struct Simulator {
     pub replacements: u64,
     /// Replicas crashed for good.
     pub lost: u64,
+    /// Invariants checked after every output a replica releases.
+    online_checks: OnlineChecks,
     /// Print every fault and restart with the replicas' states (`VSR_SIM_TRACE=1`).
     pub trace: bool,
 }
@@ -335,6 +338,7 @@ impl Simulator {
             corruptions: 0,
             replacements: 0,
             lost: 0,
+            online_checks: OnlineChecks::default(),
             trace: false,
         }
     }
@@ -719,6 +723,8 @@ impl Simulator {
             }
             let replica = Replica::open(config, storage, self.now_ns)
                 .unwrap_or_else(|error| panic!("replica {index} failed to reopen: {error}"));
+            let view_forgotten = replaced || replica.status() == Status::Recovering;
+            self.online_checks.restarted(index as u8, view_forgotten);
             self.nodes[index] = Node::Up(Box::new(replica));
             self.trace_event(&format!("restart replica {index} (replaced: {replaced})"));
         }
@@ -829,6 +835,15 @@ impl Simulator {
         let outgoing: Vec<Outgoing> = replica
             .flush(self.now_ns)
             .expect("memory storage does not fail");
+        let observation = Observation {
+            replica: index,
+            view: replica.view(),
+            commit: replica.commit(),
+            is_primary: replica.is_primary(),
+            head_op: replica.op(),
+            head_checksum: replica.head_checksum(),
+        };
+        self.online_checks.observe(self.now_ns, observation);
         for Outgoing { destination, frame } in outgoing {
             self.enqueue(Source::Replica(index), destination, frame);
         }
@@ -875,11 +890,16 @@ impl Simulator {
 
     /// Checks the run's safety properties; returns a description of the first violation.
     ///
+    /// - Nothing `OnlineChecks` watched while the run went on was violated (one primary per
+    ///   view, views and commits never going back).
     /// - Committed prefixes are identical on every replica.
     /// - Replaying the committed log through a model (state machine and client table) gives
     ///   exactly the result every client saw, at the op it was told: linearizable replies, no
     ///   acknowledged write lost, no request executed twice.
     pub fn check(&mut self) -> Result<(), String> {
+        if let Some(violation) = self.online_checks.violation() {
+            return Err(violation.to_string());
+        }
         let mut reference: BTreeMap<u64, crate::message::Entry> = BTreeMap::new();
         for index in 0..self.nodes.len() {
             let Node::Up(replica) = &mut self.nodes[index] else {

@@ -305,6 +305,10 @@ impl<S: Storage> Replica<S> {
         self.commit
     }
 
+    pub fn head_checksum(&self) -> u64 {
+        self.head_checksum
+    }
+
     pub fn is_primary(&self) -> bool {
         self.status == Status::Normal && self.config.primary_of(self.view) == self.config.replica
     }
