@@ -101,6 +101,7 @@ fn forged_replica_messages_are_refused_and_the_cluster_keeps_serving() {
     assert!(result.acknowledged > 1000, "{}", result.stdout);
     for replica in 0..3 {
         let rss = rss_bytes(cluster.pid(replica));
+        eprintln!("replica {replica}: {} MiB resident", rss >> 20);
         assert!(
             rss < RSS_BYTES_MAX,
             "replica {replica}: {rss} bytes resident"
