@@ -47,8 +47,10 @@ codes! {
         RecoveryResponse = 10 => "recovery_response",
         RequestPrepare = 11 => "request_prepare",
         RequestStartView = 12 => "request_start_view",
-        RequestCheckpoint = 13 => "request_checkpoint",
-        Checkpoint = 14 => "checkpoint",
+        // The first message on a connection a replica opens: names the replica it speaks for.
+        Hello = 13 => "hello",
+        RequestCheckpoint = 14 => "request_checkpoint",
+        Checkpoint = 15 => "checkpoint",
     }
 }
 
@@ -85,6 +87,12 @@ codes! {
         UnknownReplica = 6 => "unknown_replica",
         InvalidFields = 7 => "invalid_fields",
         EntryChecksum = 8 => "entry_checksum",
+        // A replica's message on a client connection, or one claiming another replica than
+        // the one its connection speaks for, or a connection claiming a replica it cannot be.
+        PeerIdentity = 9 => "peer_identity",
+        // An op so far above the replica's commit that holding it would grow its journal
+        // index beyond `--op-ahead-max`.
+        OpOutOfWindow = 10 => "op_out_of_window",
     }
 }
 

@@ -218,6 +218,7 @@ impl Message {
                 header.commit <= header.op
             }
             Command::Reply => false,
+            Command::Hello => self.body.is_empty(),
             _ => true,
         };
         if fields_valid {
@@ -326,6 +327,101 @@ pub fn decode_entries(body: &Bytes) -> Result<Vec<Entry>, RejectReason> {
     Ok(entries)
 }
 
+/// What a DoViewChange says about one op of its sender's log, so that the new primary can cut
+/// back a head that no live replica can complete: an op that a nack quorum never acknowledged
+/// cannot have been committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum OpStatus {
+    /// The sender holds an entry for this op (it may have acknowledged it).
+    Present = 0,
+    /// The sender never acknowledged this op (a "nack"): it holds no entry for it, and it has
+    /// not held a whole chain up to it since it last voted.
+    Nack = 1,
+    /// The sender lacks this op but may have acknowledged it: a corrupt record, or an entry it
+    /// held before a restart. Never counted as a nack.
+    Corrupt = 2,
+}
+
+impl OpStatus {
+    fn from_u8(value: u8) -> Option<OpStatus> {
+        match value {
+            0 => Some(OpStatus::Present),
+            1 => Some(OpStatus::Nack),
+            2 => Some(OpStatus::Corrupt),
+            _ => None,
+        }
+    }
+}
+
+/// One op of a DoViewChange's header list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpHeader {
+    /// The checksum of the sender's entry for this op (held, or known as the parent of the
+    /// next op of its verified chain), else 0.
+    pub checksum: u64,
+    /// The view the held entry was prepared in (`u64::MAX` if none is held): an entry of the view a
+    /// log was last normal in is that view's primary's entry, whoever holds it.
+    pub view: u64,
+    pub status: OpStatus,
+    /// `checksum` is from the sender's verified chain (it chains to the sender's head).
+    pub chained: bool,
+    /// The sender executed this op: it is committed, whatever log the new view takes.
+    pub committed: bool,
+}
+
+/// Ops a DoViewChange reports at most: the newest of its sender's log. More than any pipeline
+/// holds uncommitted, so every op a new primary may have to cut is covered.
+pub const OP_HEADERS_MAX: usize = 1024;
+const OP_HEADER_SIZE: usize = 18;
+/// Bytes a DoViewChange's header list takes at most, on top of its entries.
+pub const OP_HEADERS_BYTES_MAX: usize = LIST_PREFIX_SIZE + OP_HEADERS_MAX * OP_HEADER_SIZE;
+
+/// A DoViewChange body: the header list (the newest ops of the sender's log, oldest first,
+/// ending at its head), then its suffix of entries.
+pub fn encode_do_view_change_body(headers: &[OpHeader], entries: &[&Entry]) -> Bytes {
+    assert!(headers.len() <= OP_HEADERS_MAX);
+    let entries = encode_entries(entries);
+    let mut out =
+        BytesMut::with_capacity(LIST_PREFIX_SIZE + headers.len() * OP_HEADER_SIZE + entries.len());
+    out.put_u32_le(headers.len() as u32);
+    for header in headers {
+        out.put_u64_le(header.checksum);
+        out.put_u64_le(header.view);
+        out.put_u8(header.status as u8);
+        out.put_u8(u8::from(header.chained) | u8::from(header.committed) << 1);
+    }
+    out.put_slice(&entries);
+    out.freeze()
+}
+
+/// Splits a DoViewChange body into its header list and its encoded entries.
+pub fn decode_do_view_change_body(body: &Bytes) -> Result<(Vec<OpHeader>, Bytes), RejectReason> {
+    let mut reader = Reader::new(body);
+    let count = reader.u32()? as usize;
+    if count > OP_HEADERS_MAX {
+        return Err(RejectReason::InvalidFields);
+    }
+    let mut headers = Vec::with_capacity(count);
+    for _ in 0..count {
+        let checksum = reader.u64()?;
+        let view = reader.u64()?;
+        let status = OpStatus::from_u8(reader.u8()?).ok_or(RejectReason::InvalidFields)?;
+        let flags = reader.u8()?;
+        if flags > 0b11 {
+            return Err(RejectReason::InvalidFields);
+        }
+        headers.push(OpHeader {
+            checksum,
+            view,
+            status,
+            chained: flags & 1 != 0,
+            committed: flags & 2 != 0,
+        });
+    }
+    Ok((headers, reader.rest()))
+}
+
 /// One client request inside an entry's batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchedRequest {
@@ -424,6 +520,11 @@ impl<'a> Reader<'a> {
         let start = self.position;
         self.take(length)?;
         Ok(self.bytes.slice(start..start + length))
+    }
+
+    /// Everything not read yet.
+    pub fn rest(self) -> Bytes {
+        self.bytes.slice(self.position..)
     }
 
     pub fn finish(self) -> Result<(), RejectReason> {

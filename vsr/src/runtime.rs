@@ -6,15 +6,17 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
-use vsr_probes::RejectReason;
+use vsr_probes::{Command, RejectReason};
 
-use crate::message::{Message, SENDER_CLIENT};
+use crate::identity::{Identity, Peers, keep_alive};
+use crate::message::{Header, Message};
 use crate::replica::{Destination, Replica, Source};
 use crate::storage::FileStorage;
 use crate::transport::{FrameError, read_frame, spawn_writer};
@@ -35,6 +37,7 @@ enum Event {
     },
     Rejected {
         reason: RejectReason,
+        source: Source,
     },
     ConnectionOpened {
         connection: u64,
@@ -64,10 +67,17 @@ pub async fn run(
         .await
         .map_err(|error| anyhow::anyhow!("cannot listen on {listen}: {error}"))?;
     let (events, mut inbox) = mpsc::channel::<Event>(64 * 1024);
-    tokio::spawn(accept_loop(listener, events.clone(), cluster));
+    let peers = Peers::new(me, Arc::new(addresses.clone()));
+    tokio::spawn(accept_loop(listener, events.clone(), cluster, peers));
     for (peer, address) in addresses.iter().enumerate() {
         if peer != me as usize {
-            tokio::spawn(connect_loop(peer as u8, *address, events.clone()));
+            tokio::spawn(connect_loop(
+                me,
+                peer as u8,
+                *address,
+                events.clone(),
+                cluster,
+            ));
         }
     }
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -165,7 +175,7 @@ fn handle(
 ) {
     match event {
         Event::Message { source, message } => replica.on_message(now_ns, source, message),
-        Event::Rejected { reason } => replica.on_rejected(reason, Source::Client(0)),
+        Event::Rejected { reason, source } => replica.on_rejected(reason, source),
         Event::ConnectionOpened { connection, writer } => {
             connections.insert(connection, writer);
         }
@@ -185,13 +195,19 @@ fn handle(
     }
 }
 
-async fn accept_loop(listener: TcpListener, events: mpsc::Sender<Event>, cluster: u64) {
+async fn accept_loop(
+    listener: TcpListener,
+    events: mpsc::Sender<Event>,
+    cluster: u64,
+    peers: Peers,
+) {
     let mut next_connection = 1u64;
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let _ = stream.set_nodelay(true);
+        keep_alive(&stream);
         let connection = next_connection;
         next_connection += 1;
         tokio::spawn(serve_connection(
@@ -199,17 +215,23 @@ async fn accept_loop(listener: TcpListener, events: mpsc::Sender<Event>, cluster
             connection,
             events.clone(),
             cluster,
+            peers.clone(),
         ));
     }
 }
 
-/// Reads frames from one inbound connection (a client or a peer's outbound connection).
+/// Reads frames from one inbound connection (a client or a peer's outbound connection). The
+/// first message fixes whom the connection speaks for; a message it cannot send (a replica's
+/// on a client connection, another replica's, a claim it cannot make) is counted and closes
+/// the connection, unread by the protocol.
 async fn serve_connection(
     stream: TcpStream,
     connection: u64,
     events: mpsc::Sender<Event>,
     cluster: u64,
+    peers: Peers,
 ) {
+    let ip = stream.peer_addr().ok().map(|address| address.ip());
     let (mut reader, writer) = stream.into_split();
     let writer = spawn_writer(writer);
     if events
@@ -219,19 +241,32 @@ async fn serve_connection(
     {
         return;
     }
+    let mut identity = Identity::default();
     loop {
         let event = match read_frame(&mut reader, cluster).await {
-            Ok(message) => {
-                let source = if message.header.replica == SENDER_CLIENT {
-                    Source::Client(connection)
-                } else {
-                    Source::Replica(message.header.replica)
-                };
-                Event::Message { source, message }
-            }
-            Err(FrameError::BadBody(reason)) => Event::Rejected { reason },
+            Ok(message) => match identity.source_of(&message, connection, ip, &peers) {
+                Ok(source) => Event::Message { source, message },
+                Err(reason) => {
+                    eprintln!(
+                        "replica {}: closed connection {connection} ({identity:?}): {} for a {:?} \
+                         claiming replica {}",
+                        peers.me(),
+                        reason.label(),
+                        message.header.command,
+                        message.header.replica
+                    );
+                    let source = identity.rejected_source(connection);
+                    let _ = events.send(Event::Rejected { reason, source }).await;
+                    break;
+                }
+            },
+            Err(FrameError::BadBody(reason)) => Event::Rejected {
+                reason,
+                source: identity.rejected_source(connection),
+            },
             Err(FrameError::BadHeader(reason)) => {
-                let _ = events.send(Event::Rejected { reason }).await;
+                let source = identity.rejected_source(connection);
+                let _ = events.send(Event::Rejected { reason, source }).await;
                 break;
             }
             Err(FrameError::Closed) => break,
@@ -240,11 +275,23 @@ async fn serve_connection(
             return;
         }
     }
+    if let Identity::Replica(replica) = identity {
+        peers.release(replica, connection);
+    }
     let _ = events.send(Event::ConnectionClosed { connection }).await;
 }
 
-/// Keeps one outbound connection to a peer, reconnecting after it restarts.
-async fn connect_loop(peer: u8, address: SocketAddr, events: mpsc::Sender<Event>) {
+/// Keeps one outbound connection to a peer, reconnecting after it restarts. Each connection
+/// starts with a Hello: the peer knows from the start which replica the connection speaks for,
+/// so no other connection can claim this replica there first.
+async fn connect_loop(
+    me: u8,
+    peer: u8,
+    address: SocketAddr,
+    events: mpsc::Sender<Event>,
+    cluster: u64,
+) {
+    let hello = Message::new(Header::new(Command::Hello, cluster, me), Bytes::new()).encode();
     let mut delay = RECONNECT_DELAY_FIRST;
     loop {
         let stream = match TcpStream::connect(address).await {
@@ -259,6 +306,9 @@ async fn connect_loop(peer: u8, address: SocketAddr, events: mpsc::Sender<Event>
         let _ = stream.set_nodelay(true);
         let (mut reader, writer) = stream.into_split();
         let writer = spawn_writer(writer);
+        if writer.send(hello.clone()).await.is_err() {
+            continue;
+        }
         if events
             .send(Event::PeerUp {
                 replica: peer,

@@ -5,10 +5,11 @@
 //! Faults: crash and restart (a power loss: unsynced writes lost, the first possibly torn), a
 //! crash of every replica at once (a kill -9 of each process: what was written survives,
 //! synced or not), a replica whose data is lost and that is re-formatted as a replacement,
-//! network partitions, message loss, duplication, delay and reordering, and corruption of a
-//! crashed replica's journal or superblock. Apart from the crash of the whole cluster, at most
-//! `f` replicas are down, recovering or partitioned at a time, which is what VSR promises to
-//! survive.
+//! network partitions, message loss, duplication, delay and reordering, corruption of a
+//! crashed replica's journal or superblock, and replicas crashed for good (never restarted,
+//! not even when the run heals: the rest must keep committing without them). Apart from the
+//! crash of the whole cluster, at most `f` replicas are down, recovering or partitioned at a
+//! time, which is what VSR promises to survive.
 
 use std::collections::HashMap;
 use std::io;
@@ -21,6 +22,7 @@ use crate::client::{Client, ReplyOutcome};
 use crate::client_table::{ClientTable, Lookup};
 use crate::kv::{KvStore, Operation};
 use crate::message::{Entry, LIST_PREFIX_SIZE, Message, REGISTER_REQUEST_NUMBER, decode_batch};
+use crate::online_checks::{Observation, OnlineChecks};
 use crate::prng::Prng;
 use crate::replica::{Config, Destination, Outgoing, Replica, Source, Status};
 use crate::storage::{CHECKPOINT_SLOTS, Storage, Zone};
@@ -168,6 +170,8 @@ pub struct Faults {
     pub cluster_crash_ns: Option<u64>,
     /// A byte of a running replica's journal rots: its scrubber must find and repair it.
     pub corrupt_running_percent_per_second: u64,
+    /// A crash is for good: the replica never comes back (at most f of them).
+    pub permanent_crash_percent: u64,
 }
 
 impl Faults {
@@ -182,6 +186,7 @@ impl Faults {
             replace_on_crash_percent: 0,
             cluster_crash_ns: None,
             corrupt_running_percent_per_second: 0,
+            permanent_crash_percent: 0,
         }
     }
 
@@ -199,6 +204,7 @@ impl Faults {
                 .chance(30)
                 .then(|| (1 + prng.below(18)) * 1_000_000_000),
             corrupt_running_percent_per_second: prng.below(30),
+            permanent_crash_percent: if prng.chance(25) { prng.below(100) } else { 0 },
         }
     }
 }
@@ -236,6 +242,8 @@ enum Node {
         restart_ns: u64,
         /// Its data is lost: it restarts re-formatted as a replacement.
         replaced: bool,
+        /// Never restarts, not even when the run heals.
+        permanent: bool,
     },
 }
 
@@ -302,6 +310,10 @@ pub struct Simulator {
     pub corruptions_running: u64,
     pub corruptions: u64,
     pub replacements: u64,
+    /// Replicas crashed for good.
+    pub lost: u64,
+    /// Invariants checked after every output a replica releases.
+    online_checks: OnlineChecks,
     /// Print every fault and restart with the replicas' states (`VSR_SIM_TRACE=1`).
     pub trace: bool,
 }
@@ -377,6 +389,8 @@ impl Simulator {
             corruptions_running: 0,
             corruptions: 0,
             replacements: 0,
+            lost: 0,
+            online_checks: OnlineChecks::default(),
             trace: false,
         }
     }
@@ -441,7 +455,12 @@ impl Simulator {
         self.faults = Faults::none();
         self.partition = None;
         for node in &mut self.nodes {
-            if let Node::Down { restart_ns, .. } = node {
+            if let Node::Down {
+                restart_ns,
+                permanent: false,
+                ..
+            } = node
+            {
                 *restart_ns = 0;
             }
         }
@@ -536,7 +555,7 @@ impl Simulator {
             })
             .collect();
         clients_done
-            && replicas.len() == self.nodes.len()
+            && replicas.len() + self.permanent_count() == self.nodes.len()
             && replicas.iter().all(|replica| {
                 replica.commit() == replicas[0].commit() && replica.op() == replica.commit()
             })
@@ -592,7 +611,13 @@ impl Simulator {
         let crash = self.faults.crash_percent_per_second;
         if crash > 0 && self.prng.below(1000) < crash && self.faulty_count() < self.f().max(1) {
             let index = self.prng.below(u64::from(self.replica_count())) as usize;
-            self.crash(index, Crash::PowerLoss);
+            let permanent = self.prng.chance(self.faults.permanent_crash_percent)
+                && self.permanent_count() < self.f();
+            if permanent {
+                self.crash_for_good(index as u8);
+            } else {
+                self.crash(index, Crash::PowerLoss);
+            }
         }
         if let Some(partition) = self.partition
             && self.now_ns >= partition.until_ns
@@ -696,6 +721,19 @@ impl Simulator {
             .collect()
     }
 
+    /// The replica that is up, normal and primary in the highest view, if any.
+    pub fn primary(&self) -> Option<u8> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(index, node)| match node {
+                Node::Up(replica) if replica.is_primary() => Some((replica.view(), index as u8)),
+                _ => None,
+            })
+            .max()
+            .map(|(_, index)| index)
+    }
+
     /// The highest commit of any replica that is up.
     pub fn commit_max(&self) -> u64 {
         self.nodes
@@ -718,6 +756,7 @@ impl Simulator {
             storage: MemoryStorage::default(),
             restart_ns,
             replaced: false,
+            permanent: false,
         };
         let Node::Up(replica) = std::mem::replace(&mut self.nodes[index], placeholder) else {
             unreachable!()
@@ -731,6 +770,7 @@ impl Simulator {
                 storage,
                 restart_ns,
                 replaced: false,
+                permanent: false,
             };
             return;
         }
@@ -743,6 +783,7 @@ impl Simulator {
                 storage: MemoryStorage::default(),
                 restart_ns,
                 replaced: true,
+                permanent: false,
             };
             return;
         }
@@ -768,7 +809,43 @@ impl Simulator {
             storage,
             restart_ns,
             replaced: false,
+            permanent: false,
         };
+    }
+
+    /// Crashes `replica` for good: it never restarts, not even when the run heals.
+    pub fn crash_for_good(&mut self, replica: u8) {
+        assert!(
+            self.permanent_count() < self.f(),
+            "at most f replicas are lost"
+        );
+        self.crash(replica as usize, Crash::PowerLoss);
+        if let Node::Down {
+            restart_ns,
+            permanent,
+            ..
+        } = &mut self.nodes[replica as usize]
+        {
+            *restart_ns = u64::MAX;
+            *permanent = true;
+        }
+        self.lost += 1;
+        self.trace_event(&format!("replica {replica} is lost for good"));
+    }
+
+    fn permanent_count(&self) -> usize {
+        self.nodes
+            .iter()
+            .filter(|node| {
+                matches!(
+                    node,
+                    Node::Down {
+                        permanent: true,
+                        ..
+                    }
+                )
+            })
+            .count()
     }
 
     fn restart_due(&mut self) {
@@ -787,6 +864,7 @@ impl Simulator {
                     storage: MemoryStorage::default(),
                     restart_ns: u64::MAX,
                     replaced: false,
+                    permanent: false,
                 },
             )
             else {
@@ -806,6 +884,8 @@ impl Simulator {
             let mut replica = Replica::open(config, storage, self.now_ns)
                 .unwrap_or_else(|error| panic!("replica {index} failed to reopen: {error}"));
             replica.record_executed();
+            let view_forgotten = replaced || replica.status() == Status::Recovering;
+            self.online_checks.restarted(index as u8, view_forgotten);
             self.nodes[index] = Node::Up(Box::new(replica));
             self.trace_event(&format!("restart replica {index} (replaced: {replaced})"));
         }
@@ -916,6 +996,15 @@ impl Simulator {
         let outgoing: Vec<Outgoing> = replica
             .flush(self.now_ns)
             .expect("memory storage does not fail");
+        let observation = Observation {
+            replica: index,
+            view: replica.view(),
+            commit: replica.commit(),
+            is_primary: replica.is_primary(),
+            head_op: replica.op(),
+            head_checksum: replica.head_checksum(),
+        };
+        self.online_checks.observe(self.now_ns, observation);
         for Outgoing { destination, frame } in outgoing {
             self.enqueue(Source::Replica(index), destination, frame);
         }
@@ -1004,11 +1093,16 @@ impl Simulator {
 
     /// Checks the run's safety properties; returns a description of the first violation.
     ///
+    /// - Nothing `OnlineChecks` watched while the run went on was violated (one primary per
+    ///   view, views and commits never going back).
     /// - Committed prefixes are identical on every replica.
     /// - Replaying the committed log through a model (state machine and client table) gives
     ///   exactly the result every client saw, at the op it was told: linearizable replies, no
     ///   acknowledged write lost, no request executed twice.
     pub fn check(&mut self) -> Result<(), String> {
+        if let Some(violation) = self.online_checks.violation() {
+            return Err(violation.to_string());
+        }
         for index in 0..self.nodes.len() {
             self.observe_commits(index);
         }

@@ -72,6 +72,10 @@ struct StartArguments {
     pipeline_max: u64,
     #[arg(long, default_value_t = 16 * 1024)]
     client_sessions_max: usize,
+    /// Ops above the commit a message may name; beyond it the message is refused, so no
+    /// peer can make the journal index allocate for ops not committed (8 bytes an op).
+    #[arg(long, default_value_t = 1 << 20)]
+    op_ahead_max: u64,
     /// Largest client operation accepted; a larger one is answered "too large", never
     /// prepared. The default fits the largest valid key-value operation.
     #[arg(long, default_value_t = vsr::kv::OPERATION_SIZE_MAX)]
@@ -143,6 +147,11 @@ fn start(arguments: StartArguments) -> anyhow::Result<()> {
     config.snapshot_interval_ns = milliseconds(arguments.snapshot_interval_ms);
     config.pipeline_max = arguments.pipeline_max;
     anyhow::ensure!(config.pipeline_max > 0, "--pipeline-max must be at least 1");
+    config.op_ahead_max = arguments.op_ahead_max;
+    anyhow::ensure!(
+        config.op_ahead_max >= config.pipeline_max,
+        "--op-ahead-max must be at least --pipeline-max"
+    );
     config.client_sessions_max = arguments.client_sessions_max;
     anyhow::ensure!(
         config.client_sessions_max > 0,

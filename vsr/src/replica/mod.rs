@@ -17,6 +17,7 @@
 //! phase keeps its state in its own struct.
 
 mod checkpoint;
+mod nack;
 mod normal;
 mod recovery;
 mod repair;
@@ -39,7 +40,7 @@ use crate::journal::Journal;
 use crate::kv::KvStore;
 use crate::message::{
     BatchedRequest, Entry, HEADER_SIZE, Header, LIST_PREFIX_SIZE, MESSAGE_SIZE_MAX, Message,
-    SENDER_CLIENT,
+    OP_HEADERS_BYTES_MAX, SENDER_CLIENT,
 };
 use crate::prng::Prng;
 use crate::storage::{Storage, Zone};
@@ -77,6 +78,11 @@ pub struct Config {
     pub request_bytes_max: usize,
     pub request_queue_max: usize,
     pub client_sessions_max: usize,
+    /// An op more than this above the replica's commit is refused: the journal's index grows
+    /// with the highest op held (8 bytes an op), so no message can make the replica allocate
+    /// for ops it has not committed beyond this window. A replica further behind than this
+    /// would need state transfer.
+    pub op_ahead_max: u64,
     /// Missing entries requested at once while repairing.
     pub repair_window: u64,
     /// Entries shipped at most in one DoViewChange, StartView or RecoveryResponse; anything
@@ -113,6 +119,7 @@ impl Config {
             request_bytes_max: crate::kv::OPERATION_SIZE_MAX,
             request_queue_max: 64 * 1024,
             client_sessions_max: 16 * 1024,
+            op_ahead_max: 1 << 20,
             repair_window: 64,
             suffix_max: 64,
             suffix_bytes_max: 1024 * 1024,
@@ -137,12 +144,13 @@ impl Config {
         }
         let body_bytes_max = MESSAGE_SIZE_MAX - HEADER_SIZE;
         if self.batch_bytes_max > body_bytes_max
-            || self.suffix_bytes_max > body_bytes_max
+            || self.suffix_bytes_max + OP_HEADERS_BYTES_MAX > body_bytes_max
             || self.suffix_bytes_max < LIST_PREFIX_SIZE
         {
             return Err(OpenError::Config(format!(
-                "a batch ({} bytes) and a view change's suffix ({} bytes) must fit in a message \
-                 body of {body_bytes_max} bytes (a suffix takes at least {LIST_PREFIX_SIZE})",
+                "a batch ({} bytes) and a view change's suffix ({} bytes, plus {OP_HEADERS_BYTES_MAX} \
+                 of op headers) must fit in a message body of {body_bytes_max} bytes (a suffix \
+                 takes at least {LIST_PREFIX_SIZE})",
                 self.batch_bytes_max, self.suffix_bytes_max
             )));
         }
@@ -358,6 +366,10 @@ impl<S: Storage> Replica<S> {
         crate::checksum::checksum(&checkpoint_file::encode_state(&self.kv, &self.client_table))
     }
 
+    pub fn head_checksum(&self) -> u64 {
+        self.head_checksum
+    }
+
     pub fn is_primary(&self) -> bool {
         self.status == Status::Normal && self.config.primary_of(self.view) == self.config.replica
     }
@@ -443,6 +455,13 @@ impl<S: Storage> Replica<S> {
         if !sender_valid {
             return self.on_rejected(RejectReason::UnknownReplica, source);
         }
+        let sets_head = matches!(
+            message.header.command,
+            Command::Prepare | Command::StartView | Command::DoViewChange
+        );
+        if sets_head && message.header.op > self.commit.saturating_add(self.config.op_ahead_max) {
+            return self.on_rejected(RejectReason::OpOutOfWindow, source);
+        }
         let command = message.header.command;
         let bytes = message.header.size;
         self.snapshot.count_received(command, bytes as usize);
@@ -488,6 +507,8 @@ impl<S: Storage> Replica<S> {
                 Ok(())
             }
             (Command::Checkpoint, _) => self.on_checkpoint(now_ns, &message),
+            // The transport fixed the connection's replica with it; nothing to do.
+            (Command::Hello, _) => Ok(()),
             (Command::Request | Command::Reply, _) => Err(RejectReason::InvalidFields),
         };
         if let Err(reason) = result {
@@ -599,6 +620,7 @@ impl<S: Storage> Replica<S> {
             // longer depends on it: erase it before the superblock stops saying "recovering".
             self.journal.erase_corrupt_runs(&mut self.storage)?;
         }
+        self.advance_nack_floor();
         if self.superblock_dirty {
             self.superblock_dirty = false;
             self.superblock.view = self.view;
@@ -634,9 +656,8 @@ impl<S: Storage> Replica<S> {
     fn body_bytes_max(&self, command: Command) -> usize {
         match command {
             Command::Prepare => self.config.batch_bytes_max,
-            Command::DoViewChange | Command::StartView | Command::RecoveryResponse => {
-                self.config.suffix_bytes_max
-            }
+            Command::DoViewChange => self.config.suffix_bytes_max + OP_HEADERS_BYTES_MAX,
+            Command::StartView | Command::RecoveryResponse => self.config.suffix_bytes_max,
             Command::Reply => crate::kv::RESULT_SIZE_MAX,
             Command::Checkpoint => state_transfer::CHECKPOINT_CHUNK_BYTES,
             Command::Request
@@ -646,7 +667,8 @@ impl<S: Storage> Replica<S> {
             | Command::Recovery
             | Command::RequestPrepare
             | Command::RequestStartView
-            | Command::RequestCheckpoint => 0,
+            | Command::RequestCheckpoint
+            | Command::Hello => 0,
         }
     }
 

@@ -644,4 +644,47 @@ mod tests {
         let reopened = Replica::open(config, backup.into_storage(), 0).unwrap();
         assert_eq!(reopened.commit(), 1);
     }
+
+    #[test]
+    fn a_head_beyond_the_op_window_is_refused_without_growing_the_journal_index() {
+        let mut config = Config::new(1, 1, 3);
+        config.op_ahead_max = 1000;
+        let mut storage = MemoryStorage::default();
+        Replica::format(&config, &mut storage, false).unwrap();
+        let mut backup = Replica::open(config, storage, 0).unwrap();
+        let far = Entry::new(1001, 0, 7, Bytes::from_static(b"\0\0\0\0"));
+        let mut prepare = Header::new(Command::Prepare, 1, 0);
+        prepare.op = far.op;
+        prepare.context = far.checksum;
+        prepare.parent = far.parent;
+        backup.on_message(
+            1,
+            Source::Replica(0),
+            Message::new(prepare, far.body.clone()),
+        );
+        let mut start_view = Header::new(Command::StartView, 1, 2);
+        start_view.view = 2;
+        start_view.op = far.op;
+        start_view.context = far.checksum;
+        let body = crate::message::encode_entries(&[&far]);
+        backup.on_message(2, Source::Replica(2), Message::new(start_view, body));
+        backup.flush(2).unwrap();
+        assert_eq!(
+            (backup.op(), backup.view()),
+            (0, 0),
+            "{}",
+            backup.describe()
+        );
+        assert_eq!(backup.journal.op_max(), 0, "no index for ops never held");
+        // Within the window, the same head is taken (and repaired down the chain).
+        let near = Entry::new(1000, 0, 7, Bytes::from_static(b"\0\0\0\0"));
+        prepare.op = near.op;
+        prepare.context = near.checksum;
+        backup.on_message(
+            3,
+            Source::Replica(0),
+            Message::new(prepare, near.body.clone()),
+        );
+        assert_eq!(backup.op(), 1000, "{}", backup.describe());
+    }
 }

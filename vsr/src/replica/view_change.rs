@@ -11,7 +11,10 @@ use vsr_probes::{Command, RejectReason, ViewChangeReason};
 
 use super::repair::decode_suffix;
 use super::{Destination, REPLICAS_MAX, Replica, Status};
-use crate::message::{Entry, Header, LIST_PREFIX_SIZE, Message, encode_entries};
+use crate::message::{
+    Entry, Header, LIST_PREFIX_SIZE, Message, OpHeader, decode_do_view_change_body,
+    encode_do_view_change_body, encode_entries,
+};
 use crate::storage::Storage;
 
 /// A replica's log head as it reported it for the new view.
@@ -21,6 +24,8 @@ pub(super) struct DoViewChange {
     pub(super) op: u64,
     pub(super) commit: u64,
     pub(super) head_checksum: u64,
+    /// What the sender says about each of the newest ops of its log, ending at its head.
+    pub(super) headers: Vec<OpHeader>,
     pub(super) entries: Vec<Entry>,
 }
 
@@ -48,6 +53,12 @@ pub(super) struct ViewChangeState {
     /// In normal status: this backup has not heard its primary for a timeout, and why; it asks
     /// for the next view, and counts as one vote for it.
     pub(super) suspicion: Option<ViewChangeReason>,
+    /// This replica may have acknowledged ops up to here that it no longer holds (a corrupt
+    /// record, entries of an earlier process or of the replica it replaced), so it nacks only
+    /// what it lacks above it. `u64::MAX` from open until it first holds a whole chain to
+    /// its head: a replica acknowledges an op only while it does, so from then on it
+    /// acknowledged nothing it lacks above that head.
+    pub(super) nack_floor: u64,
 }
 
 impl ViewChangeState {
@@ -62,6 +73,7 @@ impl ViewChangeState {
             last_sent_ns: now_ns,
             requested_views: [RequestedView::default(); REPLICAS_MAX as usize],
             suspicion: None,
+            nack_floor: u64::MAX,
         }
     }
 
@@ -247,6 +259,7 @@ impl<S: Storage> Replica<S> {
             op: self.op,
             commit: self.commit_max.max(self.commit).min(self.op),
             head_checksum: self.head_checksum,
+            headers: self.op_headers(),
             entries: self.suffix(self.commit).into_iter().cloned().collect(),
         }
     }
@@ -283,7 +296,10 @@ impl<S: Storage> Replica<S> {
         header.context = do_view_change.head_checksum;
         header.aux = do_view_change.log_view;
         let entries: Vec<&Entry> = do_view_change.entries.iter().collect();
-        Message::new(header, encode_entries(&entries))
+        Message::new(
+            header,
+            encode_do_view_change_body(&do_view_change.headers, &entries),
+        )
     }
 
     pub(super) fn on_do_view_change(
@@ -300,7 +316,11 @@ impl<S: Storage> Replica<S> {
         if self.config.primary_of(header.view) != self.config.replica {
             return Err(RejectReason::InvalidFields);
         }
-        let entries = decode_suffix(&message.body, header.op, header.context)?;
+        let (headers, entries) = decode_do_view_change_body(&message.body)?;
+        if headers.len() as u64 > header.op {
+            return Err(RejectReason::InvalidFields);
+        }
+        let entries = decode_suffix(&entries, header.op, header.context)?;
         if header.view > self.view {
             self.start_view_change(now_ns, header.view, ViewChangeReason::HigherView);
         }
@@ -316,6 +336,7 @@ impl<S: Storage> Replica<S> {
                 op: header.op,
                 commit: header.commit,
                 head_checksum: header.context,
+                headers,
                 entries,
             },
         );
@@ -348,10 +369,18 @@ impl<S: Storage> Replica<S> {
             .max_by_key(|(replica, dvc)| (dvc.log_view, dvc.op, **replica == self.config.replica))
             .map(|(replica, _)| *replica)
             .unwrap();
-        let best = self.view_change.do_view_changes.remove(&best).unwrap();
-        self.view_change.do_view_changes.clear();
-        if best.op != self.op || best.head_checksum != self.head_checksum {
-            self.install_head(now_ns, best.op, best.head_checksum, best.entries);
+        let do_view_changes = std::mem::take(&mut self.view_change.do_view_changes);
+        let best = &do_view_changes[&best];
+        let commit_floor = commit_max.max(self.commit).max(self.commit_max);
+        let (head_op, head_checksum) = self.head_after_nacks(best, &do_view_changes, commit_floor);
+        if head_op != self.op || head_checksum != self.head_checksum {
+            let entries = best
+                .entries
+                .iter()
+                .filter(|entry| entry.op <= head_op)
+                .cloned()
+                .collect();
+            self.install_head(now_ns, head_op, head_checksum, entries);
         }
         self.commit_max = self.commit_max.max(commit_max);
         self.enter_normal(now_ns);

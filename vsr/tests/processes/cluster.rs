@@ -200,7 +200,9 @@ pub fn prepare_from_stranger(cluster: u64) -> Bytes {
 }
 
 /// Sends each malformed frame kind the replica must reject: wrong cluster (header), corrupt
-/// body, unknown replica, and garbage (header checksum). Returns once all are written.
+/// body, unknown replica, and garbage (header checksum). Returns once all are written. The
+/// garbage goes on a connection of its own: a claim of an unknown replica closes its
+/// connection.
 pub fn send_malformed_frames(address: std::net::SocketAddr) {
     let mut wrong_cluster = TcpStream::connect(address).unwrap();
     wrong_cluster
@@ -219,8 +221,8 @@ pub fn send_malformed_frames(address: std::net::SocketAddr) {
     stream
         .write_all(&prepare_from_stranger(CLUSTER_ID))
         .unwrap();
-    stream.write_all(&[0xabu8; 96]).unwrap();
-    stream.flush().unwrap();
+    let mut garbage = TcpStream::connect(address).unwrap();
+    garbage.write_all(&[0xabu8; 96]).unwrap();
 }
 
 #[test]

@@ -3,5 +3,6 @@
 mod checkpoints;
 mod cluster;
 mod documents;
+mod identity;
 mod probes;
 mod tools;
