@@ -68,7 +68,7 @@ impl Serve {
     pub fn scrape(&self) -> Metrics {
         let mut stream = TcpStream::connect(self.address).unwrap();
         stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
             .unwrap();
         let mut response = String::new();
         stream.read_to_string(&mut response).unwrap();

@@ -7,6 +7,7 @@ pub mod metrics;
 pub mod otlp;
 pub mod process;
 pub mod statsd;
+pub mod web;
 
 /// USDT discovery, from its own crate so the fuzzer can build it alone.
 pub use vsrscope_usdt as usdt;
