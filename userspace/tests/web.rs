@@ -507,6 +507,19 @@ fn prometheus_scrapes_over_tls_with_basic_auth_and_nothing_else_gets_in() {
     // The OpenMetrics Prometheus negotiated arrived whole: a counter's series by its sample name.
     let operations = prometheus.query("vsrscope_program_hits_total{job=\"tls\"}");
     assert!(operations.contains("\"result\":[{"), "{operations}");
+
+    // A key that is not the certificate's is refused at start.
+    std::fs::write(
+        directory.join("mismatched.yml"),
+        "tls_server_config:\n  cert_file: server.pem\n  key_file: ca.key\n",
+    )
+    .unwrap();
+    let mismatched = Command::new(binary("vsrscope"))
+        .args(["serve", "--pid", "1", "--web.config.file"])
+        .arg(directory.join("mismatched.yml"))
+        .output()
+        .unwrap();
+    assert_clear_failure(&mismatched, "cert_file and key_file");
 }
 
 #[test]
