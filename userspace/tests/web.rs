@@ -292,28 +292,32 @@ fn one_connection_serves_head_gzip_openmetrics_and_the_other_pages() {
     assert_eq!(connection.send("GET", "/-/healthy", &[]).status, 200);
 }
 
-/// A CA and a certificate for 127.0.0.1 signed by it, with their keys, made by openssl.
+fn openssl(directory: &Path, arguments: &[&str]) {
+    let output = Command::new("openssl")
+        .args(arguments)
+        .current_dir(directory)
+        .output()
+        .expect("openssl is installed (scripts/setup)");
+    assert!(
+        output.status.success(),
+        "openssl {arguments:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+const ELLIPTIC: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:prime256v1",
+    "-nodes",
+];
+
+/// A CA (`ca.pem`, `ca.key`) and a server certificate for 127.0.0.1 that it signed
+/// (`server.pem`, `server.key`), made by openssl.
 fn certificates(directory: &Path) {
-    let openssl = |arguments: &[&str]| {
-        let output = Command::new("openssl")
-            .args(arguments)
-            .current_dir(directory)
-            .output()
-            .expect("openssl is installed (scripts/setup)");
-        assert!(
-            output.status.success(),
-            "openssl {arguments:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    };
-    let elliptic = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
     openssl(
+        directory,
         &[
             &[
                 "req",
@@ -323,41 +327,60 @@ fn certificates(directory: &Path) {
                 "-subj",
                 "/CN=vsrscope test CA",
             ][..],
-            &elliptic,
+            &ELLIPTIC,
             &["-keyout", "ca.key", "-out", "ca.pem"],
         ]
         .concat(),
     );
+    signed(
+        directory,
+        "server",
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    );
+}
+
+/// `NAME.pem` and `NAME.key`: a certificate with `extensions` that the test CA signed.
+fn signed(directory: &Path, name: &str, extensions: &str) {
+    let (key, request, certificate, extension_file) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.pem"),
+        format!("{name}.ext"),
+    );
     openssl(
+        directory,
         &[
-            &["req", "-subj", "/CN=127.0.0.1"][..],
-            &elliptic,
-            &["-keyout", "server.key", "-out", "server.csr"],
+            &["req", "-subj", &format!("/CN={name}")][..],
+            &ELLIPTIC,
+            &["-keyout", &key, "-out", &request],
         ]
         .concat(),
     );
     std::fs::write(
-        directory.join("server.ext"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        directory.join(&extension_file),
+        format!("basicConstraints=CA:FALSE\n{extensions}"),
     )
     .unwrap();
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "server.ext",
-        "-out",
-        "server.pem",
-    ]);
+    openssl(
+        directory,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &request,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &extension_file,
+            "-out",
+            &certificate,
+        ],
+    );
 }
 
 /// A bcrypt hash made by the Python `bcrypt` package, independent of vsrscope's.
@@ -551,4 +574,45 @@ fn a_bad_web_config_file_stops_serve_with_one_line() {
         "missing.pem",
     );
     assert_clear_failure(&run(Some("tls_server_config: [\n")), "--web.config.file");
+}
+
+#[test]
+fn required_client_certificates_admit_only_clients_the_ca_signed() {
+    let cluster = Cluster::start("web-mtls", 1, &[]);
+    let directory = &cluster.directory.0;
+    certificates(directory);
+    signed(directory, "client", "extendedKeyUsage=clientAuth\n");
+    std::fs::write(
+        directory.join("web.yml"),
+        "tls_server_config:\n  cert_file: server.pem\n  key_file: server.key\n  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: ca.pem\n  min_version: TLS13\n",
+    )
+    .unwrap();
+    let web_config = directory.join("web.yml");
+    let serve = serve_binary(
+        &cluster,
+        &["--web.config.file", web_config.to_str().unwrap()],
+    );
+    let (target, directory_text) = (serve.address, directory.display());
+    let prometheus = Prometheus::start_with_config(
+        directory,
+        &format!(
+            "scrape_configs:\n\
+             \x20 - job_name: client-certificate\n    scheme: https\n    tls_config: {{ ca_file: '{directory_text}/ca.pem', cert_file: '{directory_text}/client.pem', key_file: '{directory_text}/client.key' }}\n    static_configs: [{{ targets: ['{target}'] }}]\n\
+             \x20 - job_name: no-client-certificate\n    scheme: https\n    tls_config: {{ ca_file: '{directory_text}/ca.pem' }}\n    static_configs: [{{ targets: ['{target}'] }}]\n"
+        ),
+    );
+    wait_until(
+        "up 1 with a client certificate",
+        Duration::from_secs(60),
+        || up(&prometheus, "client-certificate").as_deref() == Some("1"),
+    );
+    wait_until(
+        "Prometheus to try without a client certificate",
+        Duration::from_secs(30),
+        || up(&prometheus, "no-client-certificate").is_some(),
+    );
+    assert_eq!(
+        up(&prometheus, "no-client-certificate").as_deref(),
+        Some("0")
+    );
 }
