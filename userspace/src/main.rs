@@ -20,7 +20,7 @@ use vsrscope::metrics::{
 use vsrscope::otlp::{OtlpEncoder, OtlpExporter, OtlpFlags, OtlpSettings, ReplicaProcess};
 use vsrscope::statsd::StatsdEncoder;
 use vsrscope::web::{Endpoint, Scrape, WebConfig};
-use vsrscope::{process, usdt};
+use vsrscope::{build_info, process, usdt};
 use vsrscope_common::histogram::BOUNDS_MAX;
 
 #[derive(Debug, Parser)]
@@ -501,14 +501,16 @@ impl Shared {
     }
 
     fn families(&self, reading: &Reading) -> Vec<Family> {
-        families(
+        let mut families = families(
             reading,
             &self.window,
             &self.bounds_ms,
             &self.up,
             &self.resources,
             &self.state,
-        )
+        );
+        families.push(build_info::family());
+        families
     }
 
     /// Reads the maps; keeps the quantile window, liveness and the resource rates current. The

@@ -217,6 +217,18 @@ fn one_connection_serves_head_gzip_openmetrics_and_the_other_pages() {
         "{text}"
     );
 
+    let revision = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let build_info = format!(
+        "vsrscope_build_info{{version=\"{}\",revision=\"{}\"}} 1\n",
+        env!("CARGO_PKG_VERSION"),
+        String::from_utf8_lossy(&revision.stdout).trim()
+    );
+    assert!(text.contains(&build_info), "{build_info} in\n{text}");
+
     // HEAD: a GET's headers and no body, so the next response on the connection follows at once.
     let head = connection.send("HEAD", "/metrics", &[]);
     assert_eq!(head.status, 200);
