@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use vsrscope::attach::{SEED_BOUNDS_MS, Tracer};
@@ -149,6 +149,18 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         wait_s: u64,
     },
+    /// Print a completion script for a shell, e.g. `vsrscope completions bash >
+    /// /usr/share/bash-completion/completions/vsrscope`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages from these definitions: vsrscope.1 and one per command (vsrscope-serve.1, …).
+    Man {
+        /// The directory to write them into (created if missing).
+        #[arg(long, default_value = ".")]
+        out_dir: PathBuf,
+    },
     /// A live view per replica, refreshed in place every second; Ctrl-C to quit.
     Top {
         #[command(flatten)]
@@ -233,6 +245,16 @@ fn main() -> ExitCode {
             targets,
             iterations,
         } => top(&targets, iterations),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Arguments::command(),
+                "vsrscope",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man { out_dir } => man_pages(&out_dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -241,6 +263,15 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn man_pages(out_dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out_dir)
+        .with_context(|| format!("cannot create {}", out_dir.display()))?;
+    clap_mangen::generate_to(Arguments::command(), out_dir)
+        .with_context(|| format!("cannot write man pages into {}", out_dir.display()))?;
+    println!("man pages written to {}", out_dir.display());
+    Ok(())
 }
 
 fn list(binary: Option<PathBuf>, pid: Option<u32>) -> anyhow::Result<()> {
