@@ -33,6 +33,9 @@ use auth::BasicAuth;
 /// finish the TLS handshake.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long to wait after a failed accept before the next.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
 /// The first byte of a TLS record carrying a handshake.
 const TLS_HANDSHAKE: u8 = 0x16;
 
@@ -73,6 +76,8 @@ impl<S: Scrape> Endpoint<S> {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
+                // Out of descriptors, most likely: retrying at once would spin until some close.
+                tokio::time::sleep(ACCEPT_RETRY).await;
                 continue;
             };
             tokio::spawn(self.clone().connection(stream));
