@@ -627,4 +627,11 @@ fn required_client_certificates_admit_only_clients_the_ca_signed() {
         up(&prometheus, "no-client-certificate").as_deref(),
         Some("0")
     );
+    assert!(
+        serve
+            .log()
+            .contains("vsrscope: TLS handshake with 127.0.0.1:"),
+        "the refusal is logged with its reason: {}",
+        serve.log()
+    );
 }

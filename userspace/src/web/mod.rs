@@ -9,8 +9,9 @@ mod openmetrics;
 mod routes;
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -50,6 +51,8 @@ pub struct Endpoint<S> {
     ready: AtomicBool,
     auth: Option<BasicAuth>,
     tls: Option<Arc<rustls::ServerConfig>>,
+    /// Connections refused before TLS was established, for sparse logging.
+    handshake_failures: AtomicU64,
 }
 
 impl<S: Scrape> Endpoint<S> {
@@ -60,6 +63,7 @@ impl<S: Scrape> Endpoint<S> {
             ready: AtomicBool::new(false),
             auth: BasicAuth::new(config.users),
             tls: config.tls,
+            handshake_failures: AtomicU64::new(0),
         }
     }
 
@@ -89,22 +93,33 @@ impl<S: Scrape> Endpoint<S> {
             self.http(stream).await;
             return;
         };
+        let peer = stream.peer_addr().ok();
         let mut first = [0u8; 1];
         match tokio::time::timeout(HEAD_TIMEOUT, stream.peek(&mut first)).await {
             Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => {}
             Ok(Ok(1)) => {
                 let _ = stream.write_all(PLAIN_HTTP_TO_TLS).await;
                 let _ = stream.shutdown().await;
+                self.handshake_failed(peer, "plain HTTP to the TLS listener");
                 return;
             }
             _ => return,
         }
-        // A failed handshake (an untrusted or missing client certificate, say) is the client's
-        // to report; the connection just ends.
-        if let Ok(Ok(tls)) =
-            tokio::time::timeout(HEAD_TIMEOUT, TlsAcceptor::from(tls).accept(stream)).await
-        {
-            self.http(tls).await;
+        match tokio::time::timeout(HEAD_TIMEOUT, TlsAcceptor::from(tls).accept(stream)).await {
+            Ok(Ok(tls)) => self.http(tls).await,
+            Ok(Err(error)) => self.handshake_failed(peer, &error.to_string()),
+            Err(_) => self.handshake_failed(peer, "timed out"),
+        }
+    }
+
+    /// Logs a refused connection the 1st, 2nd, 4th, 8th… time: the client reports the failure
+    /// too, but the reason (an untrusted or missing client certificate, a protocol version) is
+    /// often clearer here; sparse, so a misconfigured scraper cannot flood the log.
+    fn handshake_failed(&self, peer: Option<SocketAddr>, reason: &str) {
+        let failures = self.handshake_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures.is_power_of_two() {
+            let peer = peer.map_or("a client".into(), |peer| peer.to_string());
+            eprintln!("vsrscope: TLS handshake with {peer} failed ({failures} so far): {reason}");
         }
     }
 
