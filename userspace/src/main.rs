@@ -172,10 +172,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    // Die quietly on a closed pipe (`vsrscope list … | head`), like other command-line tools.
-    // SAFETY: called before any thread starts; SIG_DFL is a valid disposition.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let arguments = Arguments::parse();
+    // Die quietly on a closed pipe (`vsrscope list … | head`), like other command-line tools.
+    // Not `serve`: Rust writes to sockets with write(2), so a scraper or TLS client that hangs
+    // up while vsrscope writes to it would kill it with SIGPIPE instead of failing that write.
+    if !matches!(arguments.command, Command::Serve { .. }) {
+        // SAFETY: called before any thread starts; SIG_DFL is a valid disposition.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match arguments.command {
         Command::List { binary, pid } => list(binary, pid),
         Command::Serve {

@@ -195,6 +195,21 @@ fn serve_binary(cluster: &Cluster, extra: &[&str]) -> Serve {
     Serve::start(&cluster.directory.0, &arguments)
 }
 
+/// `serve` over TLS with the certificate `certificates` made: its web.yml names the files
+/// relative to itself, as exporter-toolkit reads them, and ends with `more`.
+fn serve_tls(cluster: &Cluster, more: &str) -> Serve {
+    let web_config = cluster.directory.0.join("web.yml");
+    std::fs::write(
+        &web_config,
+        format!("tls_server_config:\n  cert_file: server.pem\n  key_file: server.key\n{more}"),
+    )
+    .unwrap();
+    serve_binary(
+        cluster,
+        &["--web.config.file", web_config.to_str().unwrap()],
+    )
+}
+
 #[test]
 fn one_connection_serves_head_gzip_openmetrics_and_the_other_pages() {
     let cluster = Cluster::start("web-plain", 3, &["--snapshot-interval-ms", "100"]);
@@ -411,8 +426,10 @@ fn bcrypt_hash(password: &str) -> String {
     String::from_utf8(output.stdout).unwrap().trim().to_string()
 }
 
-/// One HTTPS request (closing the connection), trusting the test's CA; the status and body.
-fn https_get(address: SocketAddr, ca: &Path, authorization: Option<&str>) -> (u16, String) {
+type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// A TLS connection to 127.0.0.1 trusting the test's CA, its handshake done.
+fn tls_connect(address: SocketAddr, ca: &Path) -> TlsStream {
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for certificate in rustls_pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
@@ -427,6 +444,13 @@ fn https_get(address: SocketAddr, ca: &Path, authorization: Option<&str>) -> (u1
     let server = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
     let connection = rustls::ClientConnection::new(Arc::new(config), server).unwrap();
     let mut stream = rustls::StreamOwned::new(connection, TcpStream::connect(address).unwrap());
+    stream.conn.complete_io(&mut stream.sock).unwrap();
+    stream
+}
+
+/// One HTTPS request (closing the connection); the status and body.
+fn https_get(address: SocketAddr, ca: &Path, authorization: Option<&str>) -> (u16, String) {
+    let mut stream = tls_connect(address, ca);
     let authorization = authorization
         .map(|value| format!("Authorization: {value}\r\n"))
         .unwrap_or_default();
@@ -438,6 +462,20 @@ fn https_get(address: SocketAddr, ca: &Path, authorization: Option<&str>) -> (u1
     let mut reader = BufReader::new(stream);
     let response = read_response(&mut reader, false);
     (response.status, response.text())
+}
+
+/// The certificate the server presents in a handshake (DER).
+fn served_certificate(address: SocketAddr, ca: &Path) -> Vec<u8> {
+    let stream = tls_connect(address, ca);
+    stream.conn.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// The certificate in a PEM file (DER).
+fn certificate_file(path: &Path) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::from_pem_file(path)
+        .unwrap()
+        .to_vec()
 }
 
 fn basic(user_password: &str) -> String {
@@ -465,19 +503,12 @@ fn prometheus_scrapes_over_tls_with_basic_auth_and_nothing_else_gets_in() {
     let cluster = Cluster::start("web-tls", 3, &[]);
     let directory = &cluster.directory.0;
     certificates(directory);
-    // Paths relative to the configuration file, as exporter-toolkit reads them.
-    std::fs::write(
-        directory.join("web.yml"),
-        format!(
-            "tls_server_config:\n  cert_file: server.pem\n  key_file: server.key\nbasic_auth_users:\n  prometheus: {}\n",
+    let serve = serve_tls(
+        &cluster,
+        &format!(
+            "basic_auth_users:\n  prometheus: {}\n",
             bcrypt_hash("scrape-secret")
         ),
-    )
-    .unwrap();
-    let web_config = directory.join("web.yml");
-    let serve = serve_binary(
-        &cluster,
-        &["--web.config.file", web_config.to_str().unwrap()],
     );
     assert!(
         serve
@@ -594,15 +625,9 @@ fn required_client_certificates_admit_only_clients_the_ca_signed() {
     let directory = &cluster.directory.0;
     certificates(directory);
     signed(directory, "client", "extendedKeyUsage=clientAuth\n");
-    std::fs::write(
-        directory.join("web.yml"),
-        "tls_server_config:\n  cert_file: server.pem\n  key_file: server.key\n  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: ca.pem\n  min_version: TLS13\n",
-    )
-    .unwrap();
-    let web_config = directory.join("web.yml");
-    let serve = serve_binary(
+    let serve = serve_tls(
         &cluster,
-        &["--web.config.file", web_config.to_str().unwrap()],
+        "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: ca.pem\n  min_version: TLS13\n",
     );
     let (target, directory_text) = (serve.address, directory.display());
     let prometheus = Prometheus::start_with_config(
@@ -632,6 +657,43 @@ fn required_client_certificates_admit_only_clients_the_ca_signed() {
             .log()
             .contains("vsrscope: TLS handshake with 127.0.0.1:"),
         "the refusal is logged with its reason: {}",
+        serve.log()
+    );
+}
+
+#[test]
+fn a_renewed_certificate_is_served_without_a_restart() {
+    let cluster = Cluster::start("web-renewal", 1, &[]);
+    let directory = &cluster.directory.0;
+    certificates(directory);
+    let serve = serve_tls(&cluster, "");
+    let ca = directory.join("ca.pem");
+    let first = certificate_file(&directory.join("server.pem"));
+    assert_eq!(served_certificate(serve.address, &ca), first);
+    // Clients that hang up right after the handshake, while vsrscope writes its session
+    // tickets: each costs a failed write, not vsrscope's life (SIGPIPE stays ignored in serve).
+    for _ in 0..20 {
+        drop(tls_connect(serve.address, &ca));
+    }
+    assert_eq!(https_get(serve.address, &ca, None).0, 200);
+
+    // Renewal: a new key and certificate from the same CA, written over the old files.
+    signed(
+        directory,
+        "server",
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    );
+    let renewed = certificate_file(&directory.join("server.pem"));
+    assert_ne!(renewed, first);
+    wait_until(
+        "the renewed certificate to be served",
+        Duration::from_secs(10),
+        || served_certificate(serve.address, &ca) == renewed,
+    );
+    assert_eq!(https_get(serve.address, &ca, None).0, 200);
+    assert!(
+        serve.log().contains("vsrscope: TLS certificate reloaded"),
+        "{}",
         serve.log()
     );
 }

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::server::WebPkiClientVerifier;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
+
+use super::certificate::{ReloadingCertificate, read_certificates};
 
 #[derive(Debug, thiserror::Error)]
 #[error("--web.config.file {}: {reason}", path.display())]
@@ -101,10 +101,8 @@ fn tls_config(
         (_, "") => return Err("tls_server_config: cert_file without key_file".into()),
         (certificate, key) => (directory.join(certificate), directory.join(key)),
     };
-    let certificates = read_certificates(&certificate_path, "cert_file")?;
-    let key = PrivateKeyDer::from_pem_file(&key_path)
-        .map_err(|error| format!("key_file {}: {error}", key_path.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certificate = ReloadingCertificate::load(certificate_path, key_path, provider.clone())?;
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&versions)
         .map_err(|error| error.to_string())?;
@@ -139,24 +137,9 @@ fn tls_config(
             ));
         }
     };
-    let mut config = builder
-        .with_single_cert(certificates, key)
-        .map_err(|error| format!("cert_file and key_file: {error}"))?;
+    let mut config = builder.with_cert_resolver(Arc::new(certificate));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Some(Arc::new(config)))
-}
-
-fn read_certificates(path: &Path, key: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certificates = CertificateDer::pem_file_iter(path)
-        .and_then(|iterator| iterator.collect::<Result<Vec<_>, _>>())
-        .map_err(|error| format!("{key} {}: {error}", path.display()))?;
-    if certificates.is_empty() {
-        return Err(format!(
-            "{key} {}: no PEM certificate in it",
-            path.display()
-        ));
-    }
-    Ok(certificates)
 }
 
 /// The TLS versions from `min_version` (default TLS12, as exporter-toolkit) to `max_version`.

@@ -3,6 +3,7 @@
 //! authentication when `--web.config.file` asks for them.
 
 mod auth;
+mod certificate;
 mod config;
 mod negotiate;
 mod openmetrics;
