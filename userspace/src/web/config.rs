@@ -43,7 +43,6 @@ struct TlsFile {
     cert_file: String,
     #[serde(default)]
     key_file: String,
-    #[serde(default)]
     client_auth_type: Option<String>,
     #[serde(default)]
     client_ca_file: String,
@@ -96,7 +95,14 @@ fn tls_config(
 ) -> Result<Option<Arc<rustls::ServerConfig>>, String> {
     let versions = protocol_versions(file.min_version.as_deref(), file.max_version.as_deref())?;
     let (certificate_path, key_path) = match (file.cert_file.as_str(), file.key_file.as_str()) {
-        ("", "") => return Ok(None),
+        ("", "") if file.client_auth_type.is_none() && file.client_ca_file.is_empty() => {
+            return Ok(None);
+        }
+        ("", "") => {
+            return Err(
+                "tls_server_config: client certificates need cert_file and key_file".into(),
+            );
+        }
         ("", _) => return Err("tls_server_config: key_file without cert_file".into()),
         (_, "") => return Err("tls_server_config: cert_file without key_file".into()),
         (certificate, key) => (directory.join(certificate), directory.join(key)),
@@ -221,6 +227,10 @@ mod tests {
                 "unknown field `http_server_config`",
             ),
             ("basic_auth_users: [a, b]\n", "basic_auth_users"),
+            (
+                "tls_server_config:\n  client_auth_type: RequireAndVerifyClientCert\n",
+                "client certificates need cert_file and key_file",
+            ),
             (
                 "tls_server_config:\n  min_version: TLS10\n",
                 "vsrscope supports TLS12 and TLS13",
