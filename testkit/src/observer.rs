@@ -68,7 +68,7 @@ impl Serve {
     pub fn scrape(&self) -> Metrics {
         let mut stream = TcpStream::connect(self.address).unwrap();
         stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
             .unwrap();
         let mut response = String::new();
         stream.read_to_string(&mut response).unwrap();
@@ -141,21 +141,30 @@ impl Prometheus {
 
     /// Also loads rule files, evaluated every second.
     pub fn start_with_rules(directory: &Path, target: SocketAddr, rules: &[&Path]) -> Prometheus {
-        let address = free_address();
-        let config = directory.join("prometheus.yml");
         let rule_files: String = rules
             .iter()
             .map(|rule| format!("  - '{}'\n", rule.display()))
             .collect();
-        std::fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n{rule_files}scrape_configs:\n  - job_name: vsrscope\n    static_configs:\n      - targets: ['{target}']\n"
+        Prometheus::start_with_config(
+            directory,
+            &format!(
+                "rule_files:\n{rule_files}scrape_configs:\n  - job_name: vsrscope\n    static_configs:\n      - targets: ['{target}']\n"
             ),
+        )
+    }
+
+    /// With `config` after the global settings (scrape and evaluate every second): scrape jobs
+    /// over TLS or with authentication, say.
+    pub fn start_with_config(directory: &Path, config: &str) -> Prometheus {
+        let address = free_address();
+        let path = directory.join("prometheus.yml");
+        std::fs::write(
+            &path,
+            format!("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n{config}"),
         )
         .unwrap();
         let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--config.file={}", path.display()))
             .arg(format!(
                 "--storage.tsdb.path={}",
                 directory.join("tsdb").display()

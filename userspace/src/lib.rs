@@ -2,11 +2,13 @@
 //! metrics in kernel maps, and export them.
 
 pub mod attach;
+pub mod build_info;
 pub mod liveness;
 pub mod metrics;
 pub mod otlp;
 pub mod process;
 pub mod statsd;
+pub mod web;
 
 /// USDT discovery, from its own crate so the fuzzer can build it alone.
 pub use vsrscope_usdt as usdt;

@@ -8,19 +8,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use clap::{Parser, Subcommand};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use clap::{CommandFactory, Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use vsrscope::attach::{SEED_BOUNDS_MS, Tracer};
 use vsrscope::liveness::{Liveness, STALE_MARGIN, clock_ns};
 use vsrscope::metrics::{
     ExporterState, Family, HISTOGRAMS, Published, PushCounts, QuantileWindow, Reading, Resources,
-    families, prometheus_text,
+    families,
 };
 use vsrscope::otlp::{OtlpEncoder, OtlpExporter, OtlpFlags, OtlpSettings, ReplicaProcess};
 use vsrscope::statsd::StatsdEncoder;
-use vsrscope::{process, usdt};
+use vsrscope::web::{Endpoint, Scrape, WebConfig};
+use vsrscope::{build_info, process, usdt};
 use vsrscope_common::histogram::BOUNDS_MAX;
 
 #[derive(Debug, Parser)]
@@ -102,8 +102,17 @@ enum Command {
     Serve {
         #[command(flatten)]
         targets: Targets,
-        #[arg(long, default_value = "127.0.0.1:9464")]
+        /// Where /metrics, /-/healthy and /-/ready are served.
+        #[arg(
+            long,
+            visible_alias = "web.listen-address",
+            default_value = "127.0.0.1:9464"
+        )]
         listen: SocketAddr,
+        /// TLS and basic authentication for the endpoint: the YAML file of Prometheus
+        /// exporters (exporter-toolkit), see docs/exporting.md.
+        #[arg(long = "web.config.file", value_name = "PATH")]
+        web_config_file: Option<PathBuf>,
         /// Quantile gauges (_p50, _p95, _p99) cover this many seconds.
         #[arg(long, default_value_t = 60)]
         quantile_window_s: u64,
@@ -140,6 +149,18 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         wait_s: u64,
     },
+    /// Print a completion script for a shell, e.g. `vsrscope completions bash >
+    /// /usr/share/bash-completion/completions/vsrscope`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages from these definitions: vsrscope.1 and one per command (vsrscope-serve.1, …).
+    Man {
+        /// The directory to write them into (created if missing).
+        #[arg(long, default_value = ".")]
+        out_dir: PathBuf,
+    },
     /// A live view per replica, refreshed in place every second; Ctrl-C to quit.
     Top {
         #[command(flatten)]
@@ -151,15 +172,20 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    // Die quietly on a closed pipe (`vsrscope list … | head`), like other command-line tools.
-    // SAFETY: called before any thread starts; SIG_DFL is a valid disposition.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let arguments = Arguments::parse();
+    // Die quietly on a closed pipe (`vsrscope list … | head`), like other command-line tools.
+    // Not `serve`: Rust writes to sockets with write(2), so a scraper or TLS client that hangs
+    // up while vsrscope writes to it would kill it with SIGPIPE instead of failing that write.
+    if !matches!(arguments.command, Command::Serve { .. }) {
+        // SAFETY: called before any thread starts; SIG_DFL is a valid disposition.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match arguments.command {
         Command::List { binary, pid } => list(binary, pid),
         Command::Serve {
             targets,
             listen,
+            web_config_file,
             quantile_window_s,
             snapshot_interval_ms,
             on_demand,
@@ -193,8 +219,13 @@ fn main() -> ExitCode {
                 "--on-demand attaches only while /metrics is scraped; it cannot be combined with \
                  pushing to OTLP or StatsD"
             );
+            let web = match web_config_file {
+                Some(path) => WebConfig::load(&path)?,
+                None => WebConfig::default(),
+            };
             let options = ServeOptions {
                 listen,
+                web,
                 window: Duration::from_secs(quantile_window_s),
                 stale_after: Duration::from_millis(snapshot_interval_ms) + STALE_MARGIN,
                 idle_timeout: on_demand.then(|| Duration::from_secs(idle_timeout_s)),
@@ -218,6 +249,16 @@ fn main() -> ExitCode {
             targets,
             iterations,
         } => top(&targets, iterations),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Arguments::command(),
+                "vsrscope",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man { out_dir } => man_pages(&out_dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -226,6 +267,15 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn man_pages(out_dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out_dir)
+        .with_context(|| format!("cannot create {}", out_dir.display()))?;
+    clap_mangen::generate_to(Arguments::command(), out_dir)
+        .with_context(|| format!("cannot write man pages into {}", out_dir.display()))?;
+    println!("man pages written to {}", out_dir.display());
+    Ok(())
 }
 
 fn list(binary: Option<PathBuf>, pid: Option<u32>) -> anyhow::Result<()> {
@@ -486,14 +536,16 @@ impl Shared {
     }
 
     fn families(&self, reading: &Reading) -> Vec<Family> {
-        families(
+        let mut families = families(
             reading,
             &self.window,
             &self.bounds_ms,
             &self.up,
             &self.resources,
             &self.state,
-        )
+        );
+        families.push(build_info::family());
+        families
     }
 
     /// Reads the maps; keeps the quantile window, liveness and the resource rates current. The
@@ -561,6 +613,7 @@ impl Shared {
 /// How `serve` exports.
 struct ServeOptions {
     listen: SocketAddr,
+    web: WebConfig,
     window: Duration,
     stale_after: Duration,
     idle_timeout: Option<Duration>,
@@ -580,6 +633,7 @@ struct StatsdOptions {
 fn serve(targets: &Targets, options: ServeOptions) -> anyhow::Result<()> {
     let ServeOptions {
         listen,
+        web,
         window,
         stale_after,
         idle_timeout,
@@ -591,13 +645,7 @@ fn serve(targets: &Targets, options: ServeOptions) -> anyhow::Result<()> {
     // Kernel-map counters count from here: the start time of every cumulative OTLP series.
     let started_unix_ns = unix_now_ns();
     let plan = plan(targets)?;
-    let mut tracer = Tracer::load(&bounds_ms, program_run_time)?;
-    let described = if idle_timeout.is_some() {
-        Vec::new()
-    } else {
-        attach_plan(&mut tracer, &plan)?
-    };
-    let attached_ns = clock_ns(libc::CLOCK_MONOTONIC);
+    let tracer = Tracer::load(&bounds_ms, program_run_time)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -605,7 +653,6 @@ fn serve(targets: &Targets, options: ServeOptions) -> anyhow::Result<()> {
         let listener = TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
-        let attached_sites = tracer.attached_sites();
         let shared = Arc::new(Mutex::new(Shared {
             tracer,
             plan,
@@ -614,22 +661,27 @@ fn serve(targets: &Targets, options: ServeOptions) -> anyhow::Result<()> {
             bounds_ms,
             window: QuantileWindow::new(window),
             stale_after,
-            attached_ns,
+            attached_ns: clock_ns(libc::CLOCK_MONOTONIC),
             up: BTreeMap::new(),
             samples: BTreeMap::new(),
             resources: BTreeMap::new(),
-            state: ExporterState {
-                attached_sites,
-                ..ExporterState::default()
-            },
+            state: ExporterState::default(),
         }));
-        for target in &described {
-            eprintln!("vsrscope: attached to {target}");
-        }
+        // Served while attaching: /-/healthy answers, /-/ready and /metrics say 503 until then.
+        let endpoint = Arc::new(Endpoint::new(Scraper(shared.clone()), web));
+        let scheme = endpoint.scheme();
+        tokio::spawn(endpoint.clone().serve(listener));
         if idle_timeout.is_some() {
             eprintln!("vsrscope: on demand: attaching at the first scrape");
+        } else {
+            // Attaching takes a while with many sites; off the async thread, the endpoint
+            // answers meanwhile.
+            let attaching = shared.clone();
+            tokio::task::spawn_blocking(move || attaching.lock().unwrap().ensure_attached())
+                .await??;
         }
-        eprintln!("vsrscope: serving http://{listen}/metrics");
+        endpoint.set_ready();
+        eprintln!("vsrscope: serving {scheme}://{listen}/metrics");
         let sampler = shared.clone();
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(Duration::from_secs(1));
@@ -700,15 +752,9 @@ fn serve(targets: &Targets, options: ServeOptions) -> anyhow::Result<()> {
         }
         let mut interrupt = signal(SignalKind::interrupt())?;
         let mut terminate = signal(SignalKind::terminate())?;
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => {
-                    let Ok((stream, _)) = accepted else { continue };
-                    tokio::spawn(respond(stream, shared.clone()));
-                }
-                _ = interrupt.recv() => break,
-                _ = terminate.recv() => break,
-            }
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
         }
         // One last push each, so receivers get the final totals.
         let _ = shutdown.send(true);
@@ -849,59 +895,22 @@ async fn push_otlp(
     }
 }
 
-/// A minimal HTTP/1.1 responder: `GET /metrics` and nothing else, one request per connection.
-async fn respond(mut stream: tokio::net::TcpStream, shared: Arc<Mutex<Shared>>) {
-    let mut request = Vec::with_capacity(1024);
-    let mut buffer = [0u8; 1024];
-    while !request.windows(4).any(|window| window == b"\r\n\r\n") {
-        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer)).await {
-            Ok(Ok(read)) if read > 0 && request.len() < 16 * 1024 => {
-                request.extend_from_slice(&buffer[..read])
-            }
-            _ => return,
+/// `/metrics` of `serve`: attaches first in on-demand mode, reads the maps, times the scrape.
+struct Scraper(Arc<Mutex<Shared>>);
+
+impl Scrape for Scraper {
+    fn scrape(&self) -> Option<Vec<Family>> {
+        let started = Instant::now();
+        let mut shared = self.0.lock().unwrap();
+        shared.last_scrape = started;
+        if let Err(error) = shared.ensure_attached() {
+            eprintln!("vsrscope: attach on demand: {error:#}");
         }
+        let reading = shared.sample()?;
+        let families = shared.families(&reading);
+        shared.state.last_scrape_seconds = started.elapsed().as_secs_f64();
+        Some(families)
     }
-    let line = String::from_utf8_lossy(&request);
-    let target = line.split_whitespace().take(2).collect::<Vec<_>>();
-    let (status, content_type, body) = match target.as_slice() {
-        ["GET", path] if *path == "/metrics" || path.starts_with("/metrics?") => {
-            let started = Instant::now();
-            let mut shared = shared.lock().unwrap();
-            shared.last_scrape = started;
-            if let Err(error) = shared.ensure_attached() {
-                eprintln!("vsrscope: attach on demand: {error:#}");
-            }
-            match shared.sample() {
-                Some(reading) => {
-                    let body = prometheus_text(&shared.families(&reading));
-                    shared.state.last_scrape_seconds = started.elapsed().as_secs_f64();
-                    ("200 OK", "text/plain; version=0.0.4; charset=utf-8", body)
-                }
-                None => (
-                    "500 Internal Server Error",
-                    "text/plain",
-                    "map read failed\n".to_string(),
-                ),
-            }
-        }
-        ["GET", _] => (
-            "404 Not Found",
-            "text/plain",
-            "vsrscope serves /metrics\n".to_string(),
-        ),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "GET only\n".to_string(),
-        ),
-    };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    let _ = stream.write_all(head.as_bytes()).await;
-    let _ = stream.write_all(body.as_bytes()).await;
-    let _ = stream.shutdown().await;
 }
 
 fn snapshot(targets: &Targets, json: bool, wait: Duration) -> anyhow::Result<()> {
