@@ -147,6 +147,14 @@ impl<S: Storage> Replica<S> {
         let state_certain = replica.replay_journal(&scan)?
             && opened.corrupt_copies == 0
             && (checkpoint_loaded || journal_whole);
+        // Committed ops that a checkpoint covers were not replayed, so nothing repaired them:
+        // peers may still ask for them, so they are fetched again (counted above, once).
+        for op in scan
+            .corrupt_ops
+            .range(replica.journal.op_min()..=replica.commit)
+        {
+            replica.schedule_scrub_repair(*op);
+        }
         replica.resume(now_ns, state_certain);
         Ok(replica)
     }

@@ -132,6 +132,16 @@ impl<S: Storage> Replica<S> {
         self.send_scrub_repair(op, 0);
     }
 
+    /// A committed op found corrupt and already counted (when the journal was opened): fetched
+    /// again with the ones the scrubber finds.
+    pub(super) fn schedule_scrub_repair(&mut self, op: u64) {
+        assert!(op <= self.commit);
+        if self.scrub.corrupt_ops.insert(op) {
+            let replica_id = self.config.replica;
+            probe::repair_request(|| (replica_id, op));
+        }
+    }
+
     fn request_scrub_repairs(&mut self) {
         let commit = self.commit;
         let journal_op_min = self.journal.op_min();
