@@ -72,6 +72,8 @@ pub struct Journal {
     /// Where the scan starts: every record before it is covered by a checkpoint (and its bytes
     /// may be gone).
     start: u64,
+    /// Ops below it were forgotten (`discard_before`) since open.
+    forgotten_below: u64,
     /// Bytes durable (or at least written) in the file.
     durable_end: u64,
     pending: Vec<u8>,
@@ -147,6 +149,7 @@ impl Journal {
         let mut journal = Journal {
             offsets: BTreeMap::new(),
             start,
+            forgotten_below: 0,
             durable_end: start,
             pending: Vec::new(),
             pending_records: 0,
@@ -257,6 +260,7 @@ impl Journal {
     /// (with that checkpoint) before it discards the bytes in front of it.
     pub fn discard_before(&mut self, keep_from: u64) {
         self.offsets = self.offsets.split_off(&keep_from);
+        self.forgotten_below = self.forgotten_below.max(keep_from);
         let start = self
             .offsets
             .values()
@@ -447,9 +451,12 @@ impl Journal {
         (offset != OFFSET_NONE).then_some(offset + RECORD_HEADER_SIZE as u64)
     }
 
-    /// Lowest op with a record; 0 if none.
+    /// Lowest op with a record, or if none, the lowest it may hold (0 for a journal that
+    /// never forgot anything).
     pub fn op_min(&self) -> u64 {
-        self.offsets.first_key_value().map_or(0, |(op, _)| *op)
+        self.offsets
+            .first_key_value()
+            .map_or(self.forgotten_below, |(op, _)| *op)
     }
 
     pub fn entry_count(&self) -> u64 {

@@ -33,6 +33,10 @@ use crate::storage::{CHECKPOINT_SLOTS, Storage, Zone};
 pub struct MemoryStorage {
     durable: HashMap<Zone, Vec<u8>>,
     unsynced: Vec<(Zone, u64, Vec<u8>)>,
+    /// Syncs that still complete before a scheduled power failure.
+    syncs_before_power_cut: Option<u32>,
+    /// The power failed: nothing written since reaches the disk.
+    power_cut: bool,
 }
 
 impl MemoryStorage {
@@ -42,6 +46,18 @@ impl MemoryStorage {
             zone_bytes.resize(end, 0);
         }
         zone_bytes[offset as usize..end].copy_from_slice(bytes);
+    }
+
+    /// Fails the power after `syncs` more syncs complete, in the middle of what the replica is
+    /// writing: between a journal write and its sync, or the journal and the superblock.
+    pub fn cut_power_after_syncs(&mut self, syncs: u32) {
+        self.syncs_before_power_cut = Some(syncs);
+    }
+
+    /// Whether the scheduled power failure happened; clears the schedule.
+    pub fn take_power_cut(&mut self) -> bool {
+        self.syncs_before_power_cut = None;
+        std::mem::take(&mut self.power_cut)
     }
 
     /// A process crash: the kernel still holds every write, synced or not.
@@ -119,11 +135,22 @@ impl Storage for MemoryStorage {
     }
 
     fn write_at(&mut self, zone: Zone, offset: u64, bytes: &[u8]) -> io::Result<()> {
-        self.unsynced.push((zone, offset, bytes.to_vec()));
+        if !self.power_cut {
+            self.unsynced.push((zone, offset, bytes.to_vec()));
+        }
         Ok(())
     }
 
     fn sync(&mut self, zone: Zone) -> io::Result<()> {
+        match self.syncs_before_power_cut {
+            _ if self.power_cut => return Ok(()),
+            Some(0) => {
+                self.power_cut = true;
+                return Ok(());
+            }
+            Some(syncs) => self.syncs_before_power_cut = Some(syncs - 1),
+            None => {}
+        }
         let (synced, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.unsynced)
             .into_iter()
             .partition(|(write_zone, _, _)| *write_zone == zone);
@@ -308,6 +335,8 @@ pub struct Simulator {
     /// faulty until a whole tour has run since and nothing it found awaits repair.
     scrub_pending: Vec<Option<u64>>,
     pub corruptions_running: u64,
+    /// Power failures in the middle of a flush.
+    pub power_cuts: u64,
     pub corruptions: u64,
     pub replacements: u64,
     /// Replicas crashed for good.
@@ -387,6 +416,7 @@ impl Simulator {
             state_transfers: 0,
             scrub_pending: vec![None; replica_count as usize],
             corruptions_running: 0,
+            power_cuts: 0,
             corruptions: 0,
             replacements: 0,
             lost: 0,
@@ -990,12 +1020,27 @@ impl Simulator {
     }
 
     fn flush(&mut self, index: u8) {
+        // Rarely, the power fails in the middle of this flush.
+        let power_cut = self.prng.below(100_000) < self.faults.crash_percent_per_second
+            && self.faulty_count() < self.f().max(1);
+        let syncs_before_cut = self.prng.below(3) as u32;
         let Node::Up(replica) = &mut self.nodes[index as usize] else {
             return;
         };
+        if power_cut {
+            replica
+                .storage_mut()
+                .cut_power_after_syncs(syncs_before_cut);
+        }
         let outgoing: Vec<Outgoing> = replica
             .flush(self.now_ns)
             .expect("memory storage does not fail");
+        if replica.storage_mut().take_power_cut() {
+            // The process died with the machine: nothing it was about to send leaves.
+            self.power_cuts += 1;
+            self.trace_event(&format!("power cut in a flush of replica {index}"));
+            return self.crash(index as usize, Crash::PowerLoss);
+        }
         let observation = Observation {
             replica: index,
             view: replica.view(),
@@ -1018,7 +1063,15 @@ impl Simulator {
         let Node::Up(replica) = &mut self.nodes[index] else {
             return;
         };
-        for entry in replica.take_executed() {
+        let executed = replica.take_executed();
+        // Ops replayed when it opened, before anything was recorded, are in its journal.
+        let replayed_until = executed
+            .first()
+            .map_or(replica.commit(), |entry| entry.op - 1);
+        let replayed = (self.committed.len() as u64 + 1..=replayed_until)
+            .map_while(|op| replica.committed_entry(op))
+            .collect::<Vec<_>>();
+        for entry in replayed.into_iter().chain(executed) {
             let op = entry.op;
             match self.committed.get(op as usize - 1) {
                 Some(existing) if existing.checksum != entry.checksum => {

@@ -28,10 +28,11 @@ fn run_seed(seed: u64) -> Result<String, String> {
         ));
     }
     Ok(format!(
-        "seed {seed}: {} replicas, {} acknowledged, {} crashes, {} lost for good, {} corruptions ({} while running), {} replacements, {} state transfers, {:?}",
+        "seed {seed}: {} replicas, {} acknowledged, {} crashes ({} mid-flush), {} lost for good, {} corruptions ({} while running), {} replacements, {} state transfers, {:?}",
         replica_count,
         simulator.acknowledged.len(),
         simulator.crashes,
+        simulator.power_cuts,
         simulator.lost,
         simulator.corruptions,
         simulator.corruptions_running,

@@ -377,7 +377,7 @@ impl<S: Storage> Replica<S> {
     /// Protocol state in one line, for simulator failures and logs.
     pub fn describe(&self) -> String {
         format!(
-            "{:?} view {} log_view {} op {} commit {} commit_max {} checkpoint {} chain_low {} entries {:?}..{:?} candidates {} repairs {:?}",
+            "{:?} view {} log_view {} op {} commit {} commit_max {} checkpoint {} chain_low {} entries {:?}..{:?} candidates {} repairs {:?} scrub {:?}",
             self.status,
             self.view,
             self.log_view,
@@ -390,6 +390,7 @@ impl<S: Storage> Replica<S> {
             self.entries.keys().next_back(),
             self.candidates.len(),
             self.repair.pending.keys().take(4).collect::<Vec<_>>(),
+            self.scrub.corrupt_ops_preview(),
         )
     }
 

@@ -149,11 +149,14 @@ impl<S: Storage> Replica<S> {
             && (checkpoint_loaded || journal_whole);
         // Committed ops that a checkpoint covers were not replayed, so nothing repaired them:
         // peers may still ask for them, so they are fetched again (counted above, once).
-        for op in scan
+        let covered: Vec<u64> = scan
             .corrupt_ops
-            .range(replica.journal.op_min()..=replica.commit)
-        {
-            replica.schedule_scrub_repair(*op);
+            .iter()
+            .copied()
+            .filter(|op| *op >= replica.journal.op_min() && *op <= replica.commit)
+            .collect();
+        for op in covered {
+            replica.schedule_scrub_repair(op);
         }
         replica.resume(now_ns, state_certain);
         Ok(replica)

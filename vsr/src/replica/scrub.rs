@@ -36,6 +36,13 @@ pub(super) struct ScrubState {
     tours_completed: u64,
 }
 
+impl ScrubState {
+    /// The first few committed ops awaiting a peer's copy, for `describe`.
+    pub(super) fn corrupt_ops_preview(&self) -> Vec<u64> {
+        self.corrupt_ops.iter().take(4).copied().collect()
+    }
+}
+
 impl<S: Storage> Replica<S> {
     pub fn scrub_tours_completed(&self) -> u64 {
         self.scrub.tours_completed
@@ -140,6 +147,13 @@ impl<S: Storage> Replica<S> {
             let replica_id = self.config.replica;
             probe::repair_request(|| (replica_id, op));
         }
+    }
+
+    /// Stops waiting for copies of rotten records up to `op`: no peer holds them any more,
+    /// and this replica's checkpoint covers them.
+    pub(super) fn forget_scrub_repairs_through(&mut self, op: u64) {
+        assert!(op <= self.superblock.checkpoint.op);
+        self.scrub.corrupt_ops.retain(|corrupt_op| *corrupt_op > op);
     }
 
     fn request_scrub_repairs(&mut self) {

@@ -131,7 +131,14 @@ impl<S: Storage> Replica<S> {
         if header.op == 0 || chunk_end > header.aux || header.aux > STATE_BYTES_MAX {
             return Err(RejectReason::InvalidFields);
         }
-        if self.status != Status::Normal || header.op <= self.commit {
+        if header.op <= self.commit {
+            // The peer no longer holds the ops its checkpoint covers: a rotten record of one
+            // that this replica's checkpoint covers too is not worth waiting for.
+            let covered = header.op.min(self.superblock.checkpoint.op);
+            self.forget_scrub_repairs_through(covered);
+            return Ok(());
+        }
+        if self.status != Status::Normal {
             return Ok(());
         }
         let newer = self
