@@ -2,6 +2,7 @@
 //! metrics in kernel maps, and export them.
 
 pub mod attach;
+pub mod cookie_slots;
 pub mod liveness;
 pub mod metrics;
 pub mod otlp;

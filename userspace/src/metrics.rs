@@ -261,6 +261,9 @@ pub struct Resources {
 #[derive(Debug, Clone, Default)]
 pub struct ExporterState {
     pub attached_sites: usize,
+    /// On-demand attaches that failed, and whether the newest one did.
+    pub attach_failures: u64,
+    pub attach_failing: bool,
     /// Per program: runs and seconds spent, when the kernel's run-time statistics are on.
     pub program_run_time: Vec<(&'static str, u64, f64)>,
     pub map_read_errors: u64,
@@ -653,6 +656,21 @@ fn self_families(reading: &Reading, state: &ExporterState) -> Vec<Family> {
         "USDT sites vsrscope has a uprobe on",
         Vec::new(),
         Value::Integer(state.attached_sites as u64),
+    );
+    single(
+        "vsrscope_attach_failing",
+        Kind::Gauge,
+        "1 while the newest on-demand attach failed: nothing is attached and the replica series \
+         are frozen",
+        Vec::new(),
+        Value::Integer(u64::from(state.attach_failing)),
+    );
+    single(
+        "vsrscope_attach_failures_total",
+        Kind::Counter,
+        "On-demand attaches that failed",
+        Vec::new(),
+        Value::Integer(state.attach_failures),
     );
     let mut hits = Family::new(
         "vsrscope_program_hits_total",
