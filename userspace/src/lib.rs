@@ -7,6 +7,7 @@ pub mod liveness;
 pub mod metrics;
 pub mod otlp;
 pub mod process;
+pub mod snapshot_slots;
 pub mod statsd;
 
 /// USDT discovery, from its own crate so the fuzzer can build it alone.

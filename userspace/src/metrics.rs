@@ -19,6 +19,7 @@ use vsrscope_common::histogram::{self, BOUNDS_MAX, Series};
 use vsrscope_common::{REPLICAS_MAX, SnapshotSlot, counter, self_metric};
 
 use crate::attach::{AttachError, PROGRAMS};
+use crate::snapshot_slots;
 
 /// Metric name, help text (the seed's description) per histogram id.
 pub const HISTOGRAMS: [(&str, &str); histogram::COUNT as usize] = [
@@ -129,10 +130,9 @@ impl Reading {
         let snapshots: Array<_, SnapshotSlot> =
             Array::try_from(map(ebpf, "SNAPSHOTS")?).map_err(read_error)?;
         for replica in 0..REPLICAS_MAX {
-            let slot = snapshots.get(&replica, 0).map_err(read_error)?;
-            if slot.updated_ns == 0 {
+            let Some(slot) = snapshot_slots::read(&snapshots, replica)? else {
                 continue;
-            }
+            };
             // SAFETY: the slot holds `size_of::<ReplicaSnapshot>()` bytes copied from one, and
             // every field is an integer, so any bytes are a valid value.
             let snapshot: ReplicaSnapshot =
