@@ -110,8 +110,8 @@ fn alert_names() -> Vec<String> {
         .collect();
     assert_eq!(
         names.len(),
-        9,
-        "the seed's eight alerts and VsrscopePushFailing: {names:?}"
+        10,
+        "the seed's eight alerts, VsrscopePushFailing and VsrscopeAttachFailing: {names:?}"
     );
     names
 }
