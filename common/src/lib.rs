@@ -196,9 +196,14 @@ pub mod self_metric {
 /// The latest `ReplicaSnapshot` bytes of each replica, with when and from which process.
 pub const SNAPSHOT_BYTES: usize = 368;
 
+/// A seqlock: the kernel writes a slot in place while the loader may be copying it out, so a
+/// copy could mix two snapshots. The writer makes `sequence` odd, writes everything else, then
+/// makes it even again; the loader keeps a copy only if `sequence` was the same even number
+/// just before and just after it.
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
 pub struct SnapshotSlot {
+    pub sequence: u64,
     pub bytes: [u8; SNAPSHOT_BYTES],
     pub updated_ns: u64,
     pub pid: u32,

@@ -10,11 +10,12 @@
 #![no_main]
 
 use core::ffi::c_void;
+use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::EbpfContext;
 use aya_ebpf::helpers::{
     bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_loop,
-    bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf,
+    bpf_probe_read_kernel, bpf_probe_read_kernel_buf, bpf_probe_read_user, bpf_probe_read_user_buf,
 };
 use aya_ebpf::macros::{map, uprobe};
 use aya_ebpf::maps::{Array, PerCpuArray};
@@ -43,6 +44,11 @@ static COUNTERS: PerCpuArray<counter::Counters> = PerCpuArray::with_max_entries(
 /// Index `replica_id`: the newest state snapshot.
 #[map]
 static SNAPSHOTS: Array<SnapshotSlot> = Array::with_max_entries(REPLICAS_MAX, 0);
+
+/// Where `state_snapshot` reads the replica's memory first: a read that faults then leaves the
+/// published slot untouched, and the slot's write section is a plain copy.
+#[map]
+static SNAPSHOT_SCRATCH: PerCpuArray<SnapshotSlot> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static SELF_COUNTERS: PerCpuArray<self_metric::SelfCounters> = PerCpuArray::with_max_entries(1, 0);
@@ -345,11 +351,22 @@ pub fn state_snapshot(ctx: ProbeContext) -> u32 {
         if a.get(2)? != SNAPSHOT_BYTES as u64 {
             return None;
         }
+        let scratch = SNAPSHOT_SCRATCH.get_ptr_mut(0)?;
         let slot = SNAPSHOTS.get_ptr_mut(replica)?;
         unsafe {
-            bpf_probe_read_user_buf(address as *const u8, &mut (*slot).bytes).ok()?;
-            (*slot).updated_ns = bpf_ktime_get_ns();
-            (*slot).pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+            bpf_probe_read_user_buf(address as *const u8, &mut (*scratch).bytes).ok()?;
+            // The seqlock's write section (see `SnapshotSlot`). Stores reach other CPUs in
+            // program order on x86-64. The BPF backend has no compiler fence: volatile stores
+            // stay in order among themselves, and the copy is a helper call the compiler must
+            // assume reads and writes the slot, so nothing moves across it.
+            let sequence = read_volatile(&(*slot).sequence) | 1;
+            write_volatile(&mut (*slot).sequence, sequence);
+            let copied = bpf_probe_read_kernel_buf((*scratch).bytes.as_ptr(), &mut (*slot).bytes);
+            write_volatile(&mut (*slot).updated_ns, bpf_ktime_get_ns());
+            write_volatile(&mut (*slot).pid, (bpf_get_current_pid_tgid() >> 32) as u32);
+            // Closed even if the copy failed, so the slot never stays locked.
+            write_volatile(&mut (*slot).sequence, sequence + 1);
+            copied.ok()?;
         }
         Some(())
     })

@@ -188,6 +188,17 @@ impl Prometheus {
             .collect();
         http_get(self.address, &format!("/api/v1/query?query={encoded}"))
     }
+
+    /// The value of an instant query with exactly one series, if it has one.
+    pub fn value(&self, promql: &str) -> Option<f64> {
+        let response = self.query(promql);
+        let (_, body) = response.split_once("\r\n\r\n")?;
+        let json: serde_json::Value = serde_json::from_str(body).ok()?;
+        match json["data"]["result"].as_array()?.as_slice() {
+            [series] => series["value"][1].as_str()?.parse().ok(),
+            _ => None,
+        }
+    }
 }
 
 impl Drop for Prometheus {

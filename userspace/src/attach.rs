@@ -19,6 +19,7 @@ use thiserror::Error;
 use vsrscope_common::histogram::{self, BOUNDS_MAX, Bounds};
 use vsrscope_common::{ARGS_MAX, ArgSpec, SITES_MAX, SiteSpec};
 
+use crate::cookie_slots::CookieSlots;
 use crate::usdt::{Discovery, Site};
 
 /// The compiled `vsrscope-ebpf` object.
@@ -68,7 +69,7 @@ pub enum AttachError {
         offset: u64,
         error: std::io::Error,
     },
-    #[error("more than {SITES_MAX} probe sites")]
+    #[error("more than {SITES_MAX} probe sites attached at once")]
     TooManySites,
 }
 
@@ -200,6 +201,7 @@ fn link_program(
 /// One attached site; dropping it detaches (and lowers the semaphore).
 #[derive(Debug)]
 struct Attachment {
+    cookie: u32,
     _link: OwnedFd,
     _perf_event: OwnedFd,
 }
@@ -209,7 +211,7 @@ struct Attachment {
 pub struct Tracer {
     ebpf: Ebpf,
     pmu: u32,
-    next_cookie: u32,
+    cookies: CookieSlots,
     attachments: Vec<Attachment>,
     /// Held while the kernel keeps per-program run time (`BPF_ENABLE_STATS`).
     run_time_stats: Option<OwnedFd>,
@@ -250,7 +252,7 @@ impl Tracer {
         Ok(Tracer {
             ebpf,
             pmu,
-            next_cookie: 0,
+            cookies: CookieSlots::default(),
             attachments: Vec::new(),
             run_time_stats,
         })
@@ -266,12 +268,36 @@ impl Tracer {
 
     /// Attaches every program to every site of its probe in `binary`; to one process if `pid`
     /// is given, else to every process of the binary, now and later. Returns the sites attached.
+    /// On failure nothing of this binary stays attached.
     pub fn attach(
         &mut self,
         binary: &Path,
         discovery: &Discovery,
         pid: Option<u32>,
     ) -> Result<usize, AttachError> {
+        let mut attached = Vec::new();
+        let result = self.attach_sites(binary, discovery, pid, &mut attached);
+        match result {
+            Ok(()) => {
+                let count = attached.len();
+                self.attachments.extend(attached);
+                Ok(count)
+            }
+            Err(error) => {
+                self.release(attached);
+                Err(error)
+            }
+        }
+    }
+
+    /// Attaches site after site, pushing each to `attached` as it succeeds.
+    fn attach_sites(
+        &mut self,
+        binary: &Path,
+        discovery: &Discovery,
+        pid: Option<u32>,
+        attached: &mut Vec<Attachment>,
+    ) -> Result<(), AttachError> {
         let sites: Vec<&Site> = PROGRAMS
             .iter()
             .flat_map(|name| discovery.sites_of(PROVIDER, name))
@@ -281,61 +307,84 @@ impl Tracer {
                 binary: binary.to_path_buf(),
             });
         }
-        let mut attached = Vec::with_capacity(sites.len());
+        attached.reserve(sites.len());
         for site in sites {
-            if self.next_cookie >= SITES_MAX {
-                return Err(AttachError::TooManySites);
+            let cookie = self.cookies.take().ok_or(AttachError::TooManySites)?;
+            let attachment = self.attach_site(binary, site, pid, cookie);
+            match attachment {
+                Ok(attachment) => attached.push(attachment),
+                Err(error) => {
+                    self.cookies.release(cookie);
+                    return Err(error);
+                }
             }
-            let cookie = self.next_cookie;
-            self.next_cookie += 1;
-            let mut spec = SiteSpec {
-                arg_count: site.arguments.len() as u32,
-                ..SiteSpec::default()
-            };
-            let arguments: [ArgSpec; ARGS_MAX] =
-                std::array::from_fn(|index| site.arguments.get(index).copied().unwrap_or_default());
-            spec.args = arguments;
-            let mut specs: Array<_, SiteSpec> = Array::try_from(
-                self.ebpf
-                    .map_mut("SITE_SPECS")
-                    .ok_or_else(|| AttachError::Load("SITE_SPECS missing".into()))?,
-            )
-            .map_err(load_error)?;
-            specs.set(cookie, spec, 0).map_err(load_error)?;
-            let uprobe_error = |error: std::io::Error| match error.raw_os_error() {
-                Some(libc::EPERM | libc::EACCES) => AttachError::Permission(error.to_string()),
-                _ => AttachError::Uprobe {
-                    binary: binary.to_path_buf(),
-                    probe: site.name.clone(),
-                    offset: site.file_offset,
-                    error,
-                },
-            };
-            let perf_event = open_uprobe(
-                self.pmu,
-                binary,
-                site.file_offset,
-                site.semaphore_offset,
-                pid,
-            )
-            .map_err(uprobe_error)?;
-            let program: &UProbe = self
-                .ebpf
-                .program(&site.name)
-                .ok_or_else(|| AttachError::Load(format!("program {} missing", site.name)))?
-                .try_into()
-                .map_err(load_error)?;
-            let program_fd = program.fd().map_err(load_error)?;
-            let link = link_program(program_fd.as_fd(), perf_event.as_fd(), u64::from(cookie))
-                .map_err(uprobe_error)?;
-            attached.push(Attachment {
-                _link: link,
-                _perf_event: perf_event,
-            });
         }
-        let count = attached.len();
-        self.attachments.extend(attached);
-        Ok(count)
+        Ok(())
+    }
+
+    /// Writes `site`'s spec at `cookie` and attaches its program with that cookie.
+    fn attach_site(
+        &mut self,
+        binary: &Path,
+        site: &Site,
+        pid: Option<u32>,
+        cookie: u32,
+    ) -> Result<Attachment, AttachError> {
+        let mut spec = SiteSpec {
+            arg_count: site.arguments.len() as u32,
+            ..SiteSpec::default()
+        };
+        let arguments: [ArgSpec; ARGS_MAX] =
+            std::array::from_fn(|index| site.arguments.get(index).copied().unwrap_or_default());
+        spec.args = arguments;
+        let mut specs: Array<_, SiteSpec> = Array::try_from(
+            self.ebpf
+                .map_mut("SITE_SPECS")
+                .ok_or_else(|| AttachError::Load("SITE_SPECS missing".into()))?,
+        )
+        .map_err(load_error)?;
+        specs.set(cookie, spec, 0).map_err(load_error)?;
+        let uprobe_error = |error: std::io::Error| match error.raw_os_error() {
+            Some(libc::EPERM | libc::EACCES) => AttachError::Permission(error.to_string()),
+            _ => AttachError::Uprobe {
+                binary: binary.to_path_buf(),
+                probe: site.name.clone(),
+                offset: site.file_offset,
+                error,
+            },
+        };
+        let perf_event = open_uprobe(
+            self.pmu,
+            binary,
+            site.file_offset,
+            site.semaphore_offset,
+            pid,
+        )
+        .map_err(uprobe_error)?;
+        let program: &UProbe = self
+            .ebpf
+            .program(&site.name)
+            .ok_or_else(|| AttachError::Load(format!("program {} missing", site.name)))?
+            .try_into()
+            .map_err(load_error)?;
+        let program_fd = program.fd().map_err(load_error)?;
+        let link = link_program(program_fd.as_fd(), perf_event.as_fd(), u64::from(cookie))
+            .map_err(uprobe_error)?;
+        Ok(Attachment {
+            cookie,
+            _link: link,
+            _perf_event: perf_event,
+        })
+    }
+
+    /// Detaches `attachments` and frees their cookies.
+    fn release(&mut self, attachments: Vec<Attachment>) {
+        for attachment in attachments {
+            let cookie = attachment.cookie;
+            // Closing the link and perf event detaches before the slot can be reused.
+            drop(attachment);
+            self.cookies.release(cookie);
+        }
     }
 
     /// Each program's run count and total run time as the kernel counted them, when run-time
@@ -356,7 +405,8 @@ impl Tracer {
 
     /// Detaches everything; the programs stay loaded and counters keep their values.
     pub fn detach_all(&mut self) {
-        self.attachments.clear();
+        let attachments = std::mem::take(&mut self.attachments);
+        self.release(attachments);
     }
 }
 

@@ -3,10 +3,12 @@
 
 pub mod attach;
 pub mod build_info;
+pub mod cookie_slots;
 pub mod liveness;
 pub mod metrics;
 pub mod otlp;
 pub mod process;
+pub mod snapshot_slots;
 pub mod statsd;
 pub mod web;
 

@@ -124,8 +124,9 @@ enum Command {
         /// --idle-timeout-s without one. Counters stay monotonic across re-attach.
         #[arg(long)]
         on_demand: bool,
-        #[arg(long, default_value_t = 60, requires = "on_demand")]
-        idle_timeout_s: u64,
+        /// Seconds without a scrape before detaching; fractions allowed (0.5).
+        #[arg(long, default_value_t = 60.0, requires = "on_demand", value_parser = idle_timeout)]
+        idle_timeout_s: f64,
         /// Replace a histogram's bucket bounds: METRIC=B1,B2,… in milliseconds (repeatable).
         #[arg(long = "buckets", value_name = "METRIC=BOUNDS")]
         buckets: Vec<String>,
@@ -228,7 +229,7 @@ fn main() -> ExitCode {
                 web,
                 window: Duration::from_secs(quantile_window_s),
                 stale_after: Duration::from_millis(snapshot_interval_ms) + STALE_MARGIN,
-                idle_timeout: on_demand.then(|| Duration::from_secs(idle_timeout_s)),
+                idle_timeout: on_demand.then(|| Duration::from_secs_f64(idle_timeout_s)),
                 bounds_ms,
                 program_run_time,
                 statsd: statsd.statsd.map(|address| StatsdOptions {
@@ -276,6 +277,14 @@ fn man_pages(out_dir: &std::path::Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write man pages into {}", out_dir.display()))?;
     println!("man pages written to {}", out_dir.display());
     Ok(())
+}
+
+/// `--idle-timeout-s`: a positive, finite number of seconds.
+fn idle_timeout(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if seconds > 0.0 && seconds < 1e9 => Ok(seconds),
+        _ => Err(format!("{text:?} is not a positive number of seconds")),
+    }
 }
 
 fn list(binary: Option<PathBuf>, pid: Option<u32>) -> anyhow::Result<()> {
@@ -508,23 +517,46 @@ struct Shared {
 
 impl Shared {
     /// Attaches if detached (on-demand mode); the maps, and so every counter, persist across
-    /// detach and re-attach.
+    /// detach and re-attach. A failed attach leaves nothing attached, so the next scrape tries
+    /// every target again, and is exported (`vsrscope_attach_failing`): counters that stopped
+    /// moving must not pass for an idle cluster.
     fn ensure_attached(&mut self) -> anyhow::Result<()> {
-        if self.tracer.attached_sites() == 0 {
-            for target in attach_plan(&mut self.tracer, &self.plan)? {
-                eprintln!("vsrscope: attached to {target}");
-            }
-            self.attached_ns = clock_ns(libc::CLOCK_MONOTONIC);
-            self.state.attached_sites = self.tracer.attached_sites();
+        if self.tracer.attached_sites() > 0 {
+            return Ok(());
         }
+        match attach_plan(&mut self.tracer, &self.plan) {
+            Ok(targets) => {
+                for target in targets {
+                    eprintln!("vsrscope: attached to {target}");
+                }
+                self.attached_ns = clock_ns(libc::CLOCK_MONOTONIC);
+                self.state.attach_failing = false;
+            }
+            Err(error) => {
+                self.tracer.detach_all();
+                self.state.attach_failures += 1;
+                self.state.attach_failing = true;
+                self.state.attached_sites = 0;
+                return Err(error);
+            }
+        }
+        self.state.attached_sites = self.tracer.attached_sites();
         Ok(())
+    }
+
+    /// On-demand mode: when the current scrape-free stretch reaches `timeout`, or, once it has,
+    /// a timeout from now.
+    fn idle_check_due(&self, timeout: Duration) -> Instant {
+        let due = self.last_scrape + timeout;
+        let now = Instant::now();
+        if due > now { due } else { now + timeout }
     }
 
     /// On-demand mode: detach once scrapes stopped, so unobserved replicas run at detached speed.
     fn detach_if_idle(&mut self) {
         let idle = self
             .idle_timeout
-            .is_some_and(|timeout| self.last_scrape.elapsed() > timeout);
+            .is_some_and(|timeout| self.last_scrape.elapsed() >= timeout);
         if idle && self.tracer.attached_sites() > 0 {
             self.tracer.detach_all();
             self.state.attached_sites = 0;
@@ -687,11 +719,12 @@ fn serve(targets: &Targets, options: ServeOptions) -> anyhow::Result<()> {
             let mut ticker = tokio::time::interval(Duration::from_secs(1));
             loop {
                 ticker.tick().await;
-                let mut shared = sampler.lock().unwrap();
-                shared.detach_if_idle();
-                shared.sample();
+                sampler.lock().unwrap().sample();
             }
         });
+        if let Some(timeout) = idle_timeout {
+            tokio::spawn(detach_when_idle(shared.clone(), timeout));
+        }
         let (shutdown, shutdown_seen) = tokio::sync::watch::channel(false);
         let mut pushers = Vec::new();
         if let Some(statsd) = statsd {
@@ -765,6 +798,16 @@ fn serve(targets: &Targets, options: ServeOptions) -> anyhow::Result<()> {
         eprintln!("vsrscope: detached");
         Ok(())
     })
+}
+
+/// On-demand mode: detaches as soon as `timeout` passed without a scrape, on its own timer so
+/// a sub-second timeout is honoured.
+async fn detach_when_idle(shared: Arc<Mutex<Shared>>, timeout: Duration) {
+    loop {
+        let due = shared.lock().unwrap().idle_check_due(timeout);
+        tokio::time::sleep_until(due.into()).await;
+        shared.lock().unwrap().detach_if_idle();
+    }
 }
 
 const STATSD: &str = "statsd";

@@ -5,7 +5,7 @@
 //! over a sliding window: the sampler keeps periodic copies and a scrape subtracts the oldest
 //! copy inside the window from the current counts.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,7 @@ use vsrscope_common::histogram::{self, BOUNDS_MAX, Series};
 use vsrscope_common::{REPLICAS_MAX, SnapshotSlot, counter, self_metric};
 
 use crate::attach::{AttachError, PROGRAMS};
+use crate::snapshot_slots;
 
 /// Metric name, help text (the seed's description) per histogram id.
 pub const HISTOGRAMS: [(&str, &str); histogram::COUNT as usize] = [
@@ -92,12 +93,7 @@ impl Reading {
                 let per_cpu = histograms
                     .get(&(histogram * REPLICAS_MAX + replica), 0)
                     .map_err(read_error)?;
-                let mut total = HistogramReading {
-                    buckets: [0; BOUNDS_MAX + 1],
-                    sum_ns: 0,
-                    count: 0,
-                    fine: BTreeMap::new(),
-                };
+                let mut total = HistogramReading::empty();
                 for series in per_cpu.iter() {
                     for (sum, value) in total.buckets.iter_mut().zip(series.buckets) {
                         *sum += value;
@@ -134,10 +130,9 @@ impl Reading {
         let snapshots: Array<_, SnapshotSlot> =
             Array::try_from(map(ebpf, "SNAPSHOTS")?).map_err(read_error)?;
         for replica in 0..REPLICAS_MAX {
-            let slot = snapshots.get(&replica, 0).map_err(read_error)?;
-            if slot.updated_ns == 0 {
+            let Some(slot) = snapshot_slots::read(&snapshots, replica)? else {
                 continue;
-            }
+            };
             // SAFETY: the slot holds `size_of::<ReplicaSnapshot>()` bytes copied from one, and
             // every field is an integer, so any bytes are a valid value.
             let snapshot: ReplicaSnapshot =
@@ -161,6 +156,17 @@ impl Reading {
             }
         }
         Ok(reading)
+    }
+}
+
+impl HistogramReading {
+    fn empty() -> HistogramReading {
+        HistogramReading {
+            buckets: [0; BOUNDS_MAX + 1],
+            sum_ns: 0,
+            count: 0,
+            fine: BTreeMap::new(),
+        }
     }
 }
 
@@ -261,6 +267,9 @@ pub struct Resources {
 #[derive(Debug, Clone, Default)]
 pub struct ExporterState {
     pub attached_sites: usize,
+    /// On-demand attaches that failed, and whether the newest one did.
+    pub attach_failures: u64,
+    pub attach_failing: bool,
     /// Per program: runs and seconds spent, when the kernel's run-time statistics are on.
     pub program_run_time: Vec<(&'static str, u64, f64)>,
     pub map_read_errors: u64,
@@ -349,6 +358,17 @@ impl Family {
     }
 }
 
+/// Replicas vsrscope knows of: every one that published a snapshot or has a count. Each gets
+/// every counter and histogram series from then on, at zero until its first event, so that
+/// `rate()` and `increase()` see the first increment instead of a series born at its value.
+fn known_replicas(reading: &Reading, up: &BTreeMap<u32, bool>) -> BTreeSet<u32> {
+    up.keys()
+        .chain(reading.counters.keys())
+        .chain(reading.histograms.keys().map(|(_, replica)| replica))
+        .copied()
+        .collect()
+}
+
 /// Every metric vsrscope exports, from one reading of the maps. `up` holds every replica that
 /// ever published a snapshot; the snapshots of those that are down must already be gone from
 /// `reading`, and their resources from `resources`.
@@ -361,12 +381,16 @@ pub fn families(
     state: &ExporterState,
 ) -> Vec<Family> {
     let mut families = Vec::with_capacity(64);
+    let known = known_replicas(reading, up);
+    let empty = HistogramReading::empty();
+    let no_counts = [0u64; counter::SLOTS];
     for (histogram, (name, help)) in HISTOGRAMS.iter().enumerate() {
-        let series: Vec<(u32, &HistogramReading)> = reading
-            .histograms
+        let series: Vec<(u32, &HistogramReading)> = known
             .iter()
-            .filter(|((id, _), _)| *id == histogram as u32)
-            .map(|((_, replica), reading)| (*replica, reading))
+            .map(|replica| {
+                let reading = reading.histograms.get(&(histogram as u32, *replica));
+                (*replica, reading.unwrap_or(&empty))
+            })
             .collect();
         let bounds = &bounds_ms[histogram];
         let mut family = Family::new(*name, Kind::Histogram, *help);
@@ -493,7 +517,8 @@ pub fn families(
     ];
     for (name, help, slots) in counters {
         let mut family = Family::new(name, Kind::Counter, help);
-        for (replica, values) in &reading.counters {
+        for replica in &known {
+            let values = reading.counters.get(replica).unwrap_or(&no_counts);
             for (slot, label, label_value) in &slots {
                 let labels = if label.is_empty() {
                     Vec::new()
@@ -653,6 +678,21 @@ fn self_families(reading: &Reading, state: &ExporterState) -> Vec<Family> {
         "USDT sites vsrscope has a uprobe on",
         Vec::new(),
         Value::Integer(state.attached_sites as u64),
+    );
+    single(
+        "vsrscope_attach_failing",
+        Kind::Gauge,
+        "1 while the newest on-demand attach failed: nothing is attached and the replica series \
+         are frozen",
+        Vec::new(),
+        Value::Integer(u64::from(state.attach_failing)),
+    );
+    single(
+        "vsrscope_attach_failures_total",
+        Kind::Counter,
+        "On-demand attaches that failed",
+        Vec::new(),
+        Value::Integer(state.attach_failures),
     );
     let mut hits = Family::new(
         "vsrscope_program_hits_total",

@@ -110,8 +110,8 @@ fn alert_names() -> Vec<String> {
         .collect();
     assert_eq!(
         names.len(),
-        9,
-        "the seed's eight alerts and VsrscopePushFailing: {names:?}"
+        10,
+        "the seed's eight alerts, VsrscopePushFailing and VsrscopeAttachFailing: {names:?}"
     );
     names
 }
@@ -362,8 +362,8 @@ fn every_panel_and_alert_works_against_a_live_cluster() {
         .count();
     assert_eq!(running, 1);
     wait_until("dead replicas to drop out", Duration::from_secs(5), || {
-        query_value(&prometheus, "count(vsr_replica_status == 0)") == Some(running as f64)
-            && query_value(&prometheus, "sum(vsr_replica_up)") == Some(running as f64)
+        prometheus.value("count(vsr_replica_status == 0)") == Some(running as f64)
+            && prometheus.value("sum(vsr_replica_up)") == Some(running as f64)
     });
 
     // Both restarted: they resume in view 1, the cluster is whole and the alert resolves.
@@ -374,7 +374,7 @@ fn every_panel_and_alert_works_against_a_live_cluster() {
     }
     wait_until("Quorum Lost to resolve", Duration::from_secs(20), || {
         alert_state(&prometheus, "VsrQuorumLost").is_none()
-            && query_value(&prometheus, "sum(vsr_replica_up)") == Some(3.0)
+            && prometheus.value("sum(vsr_replica_up)") == Some(3.0)
     });
 
     // The primary and one backup die under load: the dead primary's last votes (a quorum) must
@@ -399,13 +399,4 @@ fn quorum_lost_fires_in_time(prometheus: &Prometheus) {
         alert_state(prometheus, "VsrQuorumLost").as_deref() == Some("firing")
     });
     eprintln!("Quorum Lost firing {:?} after the kills", killed.elapsed());
-}
-
-/// The value of a query with exactly one series, if it has one.
-fn query_value(prometheus: &Prometheus, query: &str) -> Option<f64> {
-    let json = body_json(&prometheus.query(query))?;
-    match json["data"]["result"].as_array()?.as_slice() {
-        [series] => series["value"][1].as_str()?.parse().ok(),
-        _ => None,
-    }
 }

@@ -445,15 +445,16 @@ impl<S: Storage> Replica<S> {
 
     /// Executes a committed op: every request against the state machine and client table, and
     /// on the primary, a reply to every client still connected. A replayed op (the durable
-    /// prefix rebuilt at open) was committed and counted by an earlier process: it fires no
-    /// execution or eviction probe, so tracers count each commit once across restarts.
+    /// prefix rebuilt at open), or any op the journal held at open, may have been executed and
+    /// counted by an earlier process: it fires no execution or eviction probe, so tracers count
+    /// each commit once across restarts.
     pub(super) fn execute(&mut self, entry: &Entry, now_ns: u64, execution: Execution) {
         assert_eq!(entry.op, self.commit + 1, "ops execute in order, once");
         assert_eq!(
             entry.parent, self.commit_checksum,
             "ops execute along the chain"
         );
-        let traced = execution == Execution::Commit;
+        let traced = execution == Execution::Commit && entry.op > self.op_max_at_open;
         let replica_id = self.config.replica;
         // Only a forged Prepare can carry a body that passes its checksum and does not decode
         // (a primary encodes every batch). Every replica executes the same bytes, so each one

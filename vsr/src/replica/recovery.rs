@@ -70,6 +70,7 @@ impl<S: Storage> Replica<S> {
             config.replica_count,
         )?;
         let (journal, scan) = Journal::open(&mut storage, opened.state.journal_start)?;
+        let op_max_at_open = journal.op_max();
         let replica_id = config.replica;
         for _ in 0..opened.corrupt_copies {
             probe::checksum_failure(|| (replica_id, Component::Superblock as u8, 0));
@@ -129,6 +130,7 @@ impl<S: Storage> Replica<S> {
             repair: RepairState::default(),
             state_transfer: Default::default(),
             scrub: Default::default(),
+            op_max_at_open,
             reply_latencies_ns: Vec::new(),
             outbox: Vec::new(),
         };
