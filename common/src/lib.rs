@@ -47,7 +47,8 @@ pub mod histogram {
     pub const VIEW_CHANGE: u32 = 3;
     pub const RECOVERY: u32 = 4;
     pub const REPAIR: u32 = 5;
-    pub const COUNT: u32 = 6;
+    pub const STATE_TRANSFER: u32 = 6;
+    pub const COUNT: u32 = 7;
 
     /// Seed bucket bounds per histogram, in nanoseconds, upper bound inclusive; unused
     /// trailing bounds are `u64::MAX`. The last slot counts values above every bound (+Inf).
@@ -128,8 +129,13 @@ pub mod counter {
     pub const CHECKSUM_FAILURES: usize = 16;
     /// + `RepairStatus` code.
     pub const REPAIRS: usize = 20;
-    /// + `RejectReason` code.
+    /// + `RejectReason` code (two groups wide).
     pub const BYZANTINE_REJECTIONS: usize = 24;
+    pub const SCRUB_TOURS: usize = 40;
+    pub const SCRUB_CORRUPTIONS: usize = 41;
+    /// Records read and time spent by finished tours: their ratio is the scrub throughput.
+    pub const SCRUB_OPS: usize = 42;
+    pub const SCRUB_NS: usize = 43;
     pub const GROUP_WIDTH: usize = 8;
     pub const SLOTS: usize = 48;
 
@@ -157,8 +163,10 @@ pub mod program {
     pub const DUPLICATE_REQUEST: usize = 11;
     pub const SESSION_EVICT: usize = 12;
     pub const STATE_SNAPSHOT: usize = 13;
+    pub const STATE_TRANSFER_DONE: usize = 14;
+    pub const SCRUB_TOUR_DONE: usize = 15;
 
-    pub const NAMES: [&str; 14] = [
+    pub const NAMES: [&str; 16] = [
         "prepare_quorum",
         "commit",
         "client_reply_batch",
@@ -173,6 +181,8 @@ pub mod program {
         "duplicate_request",
         "session_evict",
         "state_snapshot",
+        "state_transfer_done",
+        "scrub_tour_done",
     ];
 }
 

@@ -146,6 +146,9 @@ DASHBOARDS = {
         timeseries("Messages sent per second by type", targets(
             (f'sum by (message_type) (rate(vsr_messages_sent_total{{{R}}}[$__rate_interval]))', "{{message_type}}"))),
         timeseries("Log size", targets((f'vsr_log_size_bytes{{{R}}}', "replica {{replica_id}}")), unit="bytes"),
+        stat("State transfers", targets((f'sum(vsr_state_transfer_latency_ms_count{{{R}}})', "state transfers")),
+             description="Checkpoints fetched from a peer by replicas that fell behind what the peers' journals hold (status 3 meanwhile)."),
+        histogram_quantile("vsr_state_transfer_latency_ms", "State transfer latency from buckets (p50, p99)"),
         row("Repair"),
         timeseries("Repairs per second", targets(
             (f'sum by (replica_id, status) (rate(vsr_repairs_total{{{R}}}[$__rate_interval]))', "replica {{replica_id}} {{status}}"))),
@@ -167,6 +170,11 @@ DASHBOARDS = {
             (f'sum by (replica_id, component) (vsr_checksum_failures_total{{{R}}})', "replica {{replica_id}} {{component}}"))),
         timeseries("Byzantine rejections by reason", targets(
             (f'sum by (reason) (increase(vsr_byzantine_rejections_total{{{R}}}[$__rate_interval]))', "{{reason}}"))),
+        timeseries("Scrub tours and corruptions found", targets(
+            (f'sum by (replica_id) (increase(vsr_scrub_tours_completed_total{{{R}}}[$__rate_interval]))', "tours replica {{replica_id}}"),
+            (f'sum by (replica_id) (increase(vsr_scrub_corruptions_detected_total{{{R}}}[$__rate_interval]))', "corruptions replica {{replica_id}}")),
+            description="The background scrubber reads back every committed journal record kept, the checkpoint and the superblock copies once per tour."),
+        timeseries("Scrub throughput", targets((f'vsr_scrub_throughput_ops_per_sec{{{R}}}', "replica {{replica_id}}")), unit="ops"),
         row("Recovery"),
         latency_quantiles("vsr_recovery_latency_ms", "Recovery latency p50 / p95 / p99"),
         stat("Recoveries", targets((f'sum(vsr_recovery_latency_ms_count{{{R}}})', "recoveries"))),

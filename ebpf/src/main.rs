@@ -310,6 +310,24 @@ pub fn view_change_start(ctx: ProbeContext) -> u32 {
 }
 
 #[uprobe]
+pub fn state_transfer_done(ctx: ProbeContext) -> u32 {
+    handle(&ctx, program::STATE_TRANSFER_DONE, |a| {
+        record(histogram::STATE_TRANSFER, a.get(0)?, a.get(3)?)
+    })
+}
+
+#[uprobe]
+pub fn scrub_tour_done(ctx: ProbeContext) -> u32 {
+    handle(&ctx, program::SCRUB_TOUR_DONE, |a| {
+        let replica_id = a.get(0)?;
+        add(replica_id, counter::SCRUB_TOURS, 1)?;
+        add(replica_id, counter::SCRUB_CORRUPTIONS, a.get(2)?)?;
+        add(replica_id, counter::SCRUB_OPS, a.get(1)?)?;
+        add(replica_id, counter::SCRUB_NS, a.get(3)?)
+    })
+}
+
+#[uprobe]
 pub fn checksum_failure(ctx: ProbeContext) -> u32 {
     handle(&ctx, program::CHECKSUM_FAILURE, |a| {
         add_labelled(a.get(0)?, counter::CHECKSUM_FAILURES, a.get(1)?, 3, 1)

@@ -327,6 +327,30 @@ impl Cluster {
         )
     }
 
+    /// Load that leaves a stopped (SIGSTOP) replica behind what its peers' journals hold, with
+    /// `--checkpoint-interval-ops 256`: four clients make batches of at most four 4 KB puts,
+    /// thousands of ops and 80 MB of prepares, more than the socket buffers and the primary's
+    /// queue to the stopped replica hold (so it misses some), and many checkpoint intervals, so
+    /// the others' journals drop the ops it missed. Every write is read back.
+    pub fn bench_past_a_stopped_replica(&self) -> BenchResult {
+        let result = self.bench(&[
+            "--ops",
+            "20000",
+            "--duration-s",
+            "60",
+            "--clients",
+            "4",
+            "--keys",
+            "1000",
+            "--value-bytes",
+            "4000",
+            "--verify",
+        ]);
+        result.assert_verified();
+        assert!(result.acknowledged >= 20_000, "{}", result.stdout);
+        result
+    }
+
     pub fn bench_in_background(&self, arguments: &[&str]) -> Child {
         Command::new(bench_binary())
             .arg("--addresses")

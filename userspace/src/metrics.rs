@@ -38,6 +38,10 @@ pub const HISTOGRAMS: [(&str, &str); histogram::COUNT as usize] = [
     ("vsr_view_change_latency_ms", "Time to complete view change"),
     ("vsr_recovery_latency_ms", "Time to recover from crash"),
     ("vsr_repair_latency_ms", "Time to repair single log entry"),
+    (
+        "vsr_state_transfer_latency_ms",
+        "Time to complete state transfer",
+    ),
 ];
 
 pub const QUANTILES: [(f64, &str); 3] = [(0.50, "p50"), (0.95, "p95"), (0.99, "p99")];
@@ -514,6 +518,16 @@ pub fn families(
             "Total sessions evicted",
             vec![(counter::SESSIONS_EVICTED, "", "")],
         ),
+        (
+            "vsr_scrub_tours_completed_total",
+            "Total scrub tours completed",
+            vec![(counter::SCRUB_TOURS, "", "")],
+        ),
+        (
+            "vsr_scrub_corruptions_detected_total",
+            "Total corruptions detected",
+            vec![(counter::SCRUB_CORRUPTIONS, "", "")],
+        ),
     ];
     for (name, help, slots) in counters {
         let mut family = Family::new(name, Kind::Counter, help);
@@ -530,6 +544,22 @@ pub fn families(
         }
         families.push(family);
     }
+
+    let mut scrub_throughput = Family::new(
+        "vsr_scrub_throughput_ops_per_sec",
+        Kind::Gauge,
+        "Scrub throughput: journal records read per second of scrubbing, over the tours \
+         finished since attach",
+    );
+    for replica in &known {
+        let values = reading.counters.get(replica).unwrap_or(&no_counts);
+        if values[counter::SCRUB_NS] > 0 {
+            let ops_per_sec =
+                values[counter::SCRUB_OPS] as f64 * 1e9 / values[counter::SCRUB_NS] as f64;
+            scrub_throughput.point(Some(*replica), Vec::new(), Value::Real(ops_per_sec));
+        }
+    }
+    families.push(scrub_throughput);
 
     for (name, help, sent) in [
         ("vsr_messages_sent_total", "Total VSR messages sent", true),

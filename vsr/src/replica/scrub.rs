@@ -34,7 +34,12 @@ pub(super) struct ScrubState {
     corrupt_ops: BTreeSet<u64>,
     last_repair_sent_ns: u64,
     tours_completed: u64,
+    /// The current tour's end was reported (`scrub_tour_done`); the next waits for its turn.
+    tour_reported: bool,
 }
+
+/// A tour starts at most this often: an idle replica's short journal is not reread in a loop.
+const SCRUB_TOUR_INTERVAL_MIN_NS: u64 = 1_000_000_000;
 
 impl ScrubState {
     /// The first few committed ops awaiting a peer's copy, for `describe`.
@@ -65,7 +70,10 @@ impl<S: Storage> Replica<S> {
         self.scrub.credit_milli = (self.scrub.credit_milli
             + elapsed_ns * self.config.scrub_ops_per_second / 1_000_000)
             .min(credit_max_milli);
-        if self.scrub.next_op > self.scrub.tour_last_op {
+        let tour_due = now_ns.saturating_sub(self.scrub.tour_started_ns)
+            >= SCRUB_TOUR_INTERVAL_MIN_NS
+            || self.scrub.tours_completed == 0;
+        if self.scrub.next_op > self.scrub.tour_last_op && tour_due {
             self.start_scrub_tour(now_ns);
         }
         while self.scrub.credit_milli >= 1000 && self.scrub.next_op <= self.scrub.tour_last_op {
@@ -80,7 +88,9 @@ impl<S: Storage> Replica<S> {
                 self.found_corrupt_op(now_ns, op);
             }
         }
-        if self.scrub.next_op > self.scrub.tour_last_op {
+        let tour_ends = self.scrub.next_op > self.scrub.tour_last_op && !self.scrub.tour_reported;
+        if tour_ends {
+            self.scrub.tour_reported = true;
             self.scrub.tours_completed += 1;
             let replica_id = self.config.replica;
             let (ops, corruptions) = (self.scrub.tour_ops, self.scrub.tour_corruptions);
@@ -96,6 +106,7 @@ impl<S: Storage> Replica<S> {
     /// A tour covers the ops committed when it starts, after checking the checkpoint and the
     /// superblock copies.
     fn start_scrub_tour(&mut self, now_ns: u64) {
+        self.scrub.tour_reported = false;
         self.scrub.next_op = self.journal.op_min().max(1);
         self.scrub.tour_last_op = self.commit;
         self.scrub.tour_started_ns = now_ns;

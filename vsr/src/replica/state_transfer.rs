@@ -268,3 +268,39 @@ impl<S: Storage> Replica<S> {
         self.commit_backup(now_ns);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use vsr_probes::{Command, ReplicaStatus};
+
+    use super::super::{Config, Replica, Source};
+    use crate::message::{Header, Message};
+    use crate::simulator::MemoryStorage;
+
+    #[test]
+    fn a_replica_fetching_a_checkpoint_publishes_status_3() {
+        let config = Config::new(1, 1, 3);
+        let mut storage = MemoryStorage::default();
+        Replica::format(&config, &mut storage, false).unwrap();
+        let mut backup = Replica::open(config, storage, 0).unwrap();
+        // The first of two chunks of a peer's checkpoint of op 100.
+        let mut header = Header::new(Command::Checkpoint, 1, 0);
+        header.op = 100;
+        header.aux = 2048;
+        header.commit = 0;
+        backup.on_message(
+            1,
+            Source::Replica(0),
+            Message::new(header, Bytes::from(vec![0; 1024])),
+        );
+        assert!(backup.is_transferring_state());
+        backup.on_tick(2);
+        assert_eq!(backup.snapshot.status, ReplicaStatus::StateTransfer as u8);
+        // A forged size beyond the bound is refused, not allocated for.
+        header.op = 200;
+        header.aux = super::STATE_BYTES_MAX + 1;
+        backup.on_message(3, Source::Replica(0), Message::new(header, Bytes::new()));
+        assert_eq!(backup.state_transfer.transfer.as_ref().unwrap().op, 100);
+    }
+}
