@@ -605,6 +605,9 @@ impl<S: Storage> Replica<S> {
             // committed, and every op up to it must be durable by then.
             let started = std::time::Instant::now();
             checkpoint_file::write(&mut self.storage, id.slot, &state)?;
+            if id.slot != self.superblock.checkpoint.slot {
+                self.state_transfer.previous = self.superblock.checkpoint;
+            }
             self.superblock.checkpoint = id;
             self.superblock_dirty = true;
             // Ops of the interval before the checkpoint stay for peers that lag a little.
