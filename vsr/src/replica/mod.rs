@@ -312,12 +312,13 @@ pub struct Replica<S: Storage> {
 
     snapshot: ReplicaSnapshot,
     next_snapshot_ns: u64,
-    /// The newest op the journal held when this process opened it. The process before may
-    /// have executed, and tracers counted, any op up to it: the superblock's commit trails
-    /// execution by up to a snapshot interval, so ops above it run again once the cluster's
-    /// commit reaches them. Executing one of these fires no execution probe; the ops it had
-    /// journaled but not executed go uncounted, at most a pipeline's worth.
-    op_max_at_open: u64,
+    /// The entries (op, checksum) the journal held above the executed prefix when this process
+    /// opened it. The process before may have executed, and tracers counted, any of them: the
+    /// superblock's commit trails execution by up to a snapshot interval, so they run again
+    /// once the cluster's commit reaches them, and fire no execution probe then. Those it had
+    /// journaled but not executed go uncounted, at most a pipeline's worth; an op number that
+    /// commits with another entry (of a later view) is counted.
+    journaled_at_open: std::collections::BTreeMap<u64, u64>,
     reply_latencies_ns: Vec<u64>,
     outbox: Vec<Outgoing>,
 }

@@ -458,7 +458,10 @@ impl<S: Storage> Replica<S> {
             entry.parent, self.commit_checksum,
             "ops execute along the chain"
         );
-        let traced = execution == Execution::Commit && entry.op > self.op_max_at_open;
+        // An op the previous process journaled may have executed there; the same op number
+        // with another entry (of a later view) never did.
+        let journaled_before = self.journaled_at_open.remove(&entry.op) == Some(entry.checksum);
+        let traced = execution == Execution::Commit && !journaled_before;
         let replica_id = self.config.replica;
         // Only a forged Prepare can carry a body that passes its checksum and does not decode
         // (a primary encodes every batch). Every replica executes the same bytes, so each one
