@@ -3,6 +3,7 @@
 //! `/metrics`. Ground truth is the load generator's record and bpftrace's own aggregation of the
 //! same probes, never vsrscope's output.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -350,7 +351,9 @@ fn semaphores(pid: u32) -> Vec<(String, u16)> {
     values
 }
 
-fn loaded_vsrscope_programs() -> usize {
+/// Ids of the loaded programs vsrscope names `prepare_quorum` and `client_reply_batch`
+/// (truncated by the kernel to `client_reply_ba`), whoever loaded them.
+fn loaded_vsrscope_programs() -> BTreeSet<u64> {
     let output = Command::new("bpftool")
         .args(["prog", "show"])
         .output()
@@ -360,7 +363,8 @@ fn loaded_vsrscope_programs() -> usize {
         .filter(|line| {
             line.contains("name prepare_quorum") || line.contains("name client_reply_ba")
         })
-        .count()
+        .filter_map(|line| line.split(':').next()?.trim().parse().ok())
+        .collect()
 }
 
 #[test]
@@ -372,6 +376,9 @@ fn sigkill_of_vsrscope_leaves_no_probe_enabled_and_no_program_loaded() {
         "{:?}",
         semaphores(pid)
     );
+    // Another vsrscope on the machine (another test) has programs of its own: only those this
+    // one loaded must go.
+    let before = loaded_vsrscope_programs();
     let mut serve = Serve::start(&cluster.directory.0, &["--pid", &pid.to_string()]);
     let enabled: Vec<String> = semaphores(pid)
         .into_iter()
@@ -387,14 +394,18 @@ fn sigkill_of_vsrscope_leaves_no_probe_enabled_and_no_program_loaded() {
         !enabled.contains(&"client_reply".to_string()),
         "vsrscope leaves per-request probes off: {enabled:?}"
     );
-    assert!(loaded_vsrscope_programs() > 0);
+    let loaded: BTreeSet<u64> = loaded_vsrscope_programs()
+        .difference(&before)
+        .copied()
+        .collect();
+    assert!(!loaded.is_empty());
     serve.child.kill().unwrap();
     serve.child.wait().unwrap();
     wait_until("semaphores back to 0", Duration::from_secs(10), || {
         semaphores(pid).iter().all(|(_, value)| *value == 0)
     });
     wait_until("programs unloaded", Duration::from_secs(10), || {
-        loaded_vsrscope_programs() == 0
+        loaded_vsrscope_programs().is_disjoint(&loaded)
     });
     let bench = cluster.bench(&["--duration-s", "1", "--clients", "4", "--verify"]);
     bench.assert_verified();

@@ -165,6 +165,9 @@ impl Journal {
         let mut gap: Option<(u64, bool)> = None;
         let mut valid_end = start;
         while offset + RECORD_HEADER_SIZE as u64 <= size {
+            // Bytes a crash never let reach the disk (a segment left short, with a later one
+            // already created) read as zeros: no record, never the previous buffer's.
+            header_bytes.fill(0);
             read_exact_at(storage, Zone::Journal, offset, &mut header_bytes)?;
             let Some(header) = RecordHeader::decode(&header_bytes)
                 .filter(|header| offset + header.record_size() <= size)
@@ -296,11 +299,10 @@ impl Journal {
             let pending_start = (start - self.durable_end) as usize;
             let pending_end = pending_start + body.len();
             body.copy_from_slice(&self.pending[pending_start..pending_end]);
-        } else if !read_exact_at(storage, Zone::Journal, start, &mut body)? {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "journal record truncated",
-            ));
+        } else {
+            // A body cut short by a crash keeps zeros where bytes are missing: it fails its
+            // checksum and is repaired like any corrupt record.
+            read_exact_at(storage, Zone::Journal, start, &mut body)?;
         }
         Ok(Entry {
             op: header.op,
@@ -565,6 +567,45 @@ mod tests {
             journal.read(&mut storage, 5).unwrap(),
             Err(ReadError::Missing)
         );
+    }
+
+    #[test]
+    fn a_segment_left_short_by_a_crash_reads_as_no_records() {
+        use crate::storage::{FileStorage, JOURNAL_SEGMENT_BYTES};
+        let directory = std::env::temp_dir().join(format!("vsr-journal-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&directory);
+        let mut storage = FileStorage::create(&directory).unwrap();
+        // Records from just before a segment boundary: the third one crosses it.
+        let start = JOURNAL_SEGMENT_BYTES - 200;
+        let (mut journal, _) = Journal::open(&mut storage, start).unwrap();
+        let entries = chain(4);
+        for entry in &entries {
+            journal.append(entry);
+        }
+        journal.flush(&mut storage).unwrap();
+        // Power failed before segment 0's tail reached the disk; segment 1 exists, empty.
+        let first_segment = directory.join(FileStorage::journal_segment_file(0));
+        let kept = start + journal.offsets[&2] - start;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&first_segment)
+            .unwrap()
+            .set_len(kept)
+            .unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(directory.join(FileStorage::journal_segment_file(1)))
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        let mut storage = FileStorage::open(&directory).unwrap();
+        let (journal, _) = Journal::open(&mut storage, start).unwrap();
+        assert_eq!(journal.op_max(), 1, "only the record before the lost tail");
+        assert_eq!(
+            journal.read(&mut storage, 1).unwrap(),
+            Ok(entries[0].clone())
+        );
+        std::fs::remove_dir_all(&directory).unwrap();
     }
 
     #[test]

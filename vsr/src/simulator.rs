@@ -162,6 +162,9 @@ impl Storage for MemoryStorage {
     }
 
     fn discard(&mut self, zone: Zone, offset: u64) -> io::Result<()> {
+        if self.power_cut {
+            return Ok(());
+        }
         // Zeroed, not freed: a read of discarded bytes finds nothing, as a deleted segment.
         if let Some(bytes) = self.durable.get_mut(&zone) {
             let end = (offset as usize).min(bytes.len());
@@ -1023,7 +1026,9 @@ impl Simulator {
         // Rarely, the power fails in the middle of this flush.
         let power_cut = self.prng.below(100_000) < self.faults.crash_percent_per_second
             && self.faulty_count() < self.f().max(1);
-        let syncs_before_cut = self.prng.below(3) as u32;
+        // A checkpointing flush syncs the journal, the checkpoint and the superblock; a cut after
+        // all three lands before the journal's segments are deleted.
+        let syncs_before_cut = self.prng.below(5) as u32;
         let Node::Up(replica) = &mut self.nodes[index as usize] else {
             return;
         };

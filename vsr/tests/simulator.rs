@@ -2,8 +2,17 @@
 //! run must keep every acknowledged write, agree on committed prefixes, reply linearizably, and
 //! make progress once healed.
 //!
-//! `VSR_SIM_SEEDS=N` sets the sweep size; `VSR_SIM_SEED=S` reruns one seed, and with
-//! `VSR_SIM_TRACE=1` prints every fault and restart with the replicas' states.
+//! `VSR_SIM_SEEDS=N` sets the sweep size and `VSR_SIM_SEED_START=S` its first seed (0);
+//! `VSR_SIM_SEED=S` reruns one seed, and with `VSR_SIM_TRACE=1` prints every fault and restart
+//! with the replicas' states. `scripts/vopr --minutes M` sweeps random ranges for longer.
+
+fn environment_number(name: &str) -> Option<u64> {
+    std::env::var(name).ok().map(|value| {
+        value
+            .parse()
+            .unwrap_or_else(|_| panic!("{name} is a number"))
+    })
+}
 
 use vsr::simulator::{Cut, Faults, Simulator};
 
@@ -44,14 +53,12 @@ fn run_seed(seed: u64) -> Result<String, String> {
 
 #[test]
 fn seeded_sweep_keeps_acknowledged_writes_and_agrees() {
-    let seeds: Vec<u64> = match std::env::var("VSR_SIM_SEED") {
-        Ok(seed) => vec![seed.parse().expect("VSR_SIM_SEED is a number")],
-        Err(_) => {
-            let count: u64 = std::env::var("VSR_SIM_SEEDS")
-                .ok()
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(1000);
-            (0..count).collect()
+    let seeds: Vec<u64> = match environment_number("VSR_SIM_SEED") {
+        Some(seed) => vec![seed],
+        None => {
+            let start = environment_number("VSR_SIM_SEED_START").unwrap_or(0);
+            let count = environment_number("VSR_SIM_SEEDS").unwrap_or(5000);
+            (start..start.saturating_add(count)).collect()
         }
     };
     let mut failures = Vec::new();

@@ -312,12 +312,13 @@ pub struct Replica<S: Storage> {
 
     snapshot: ReplicaSnapshot,
     next_snapshot_ns: u64,
-    /// The newest op the journal held when this process opened it. The process before may
-    /// have executed, and tracers counted, any op up to it: the superblock's commit trails
-    /// execution by up to a snapshot interval, so ops above it run again once the cluster's
-    /// commit reaches them. Executing one of these fires no execution probe; the ops it had
-    /// journaled but not executed go uncounted, at most a pipeline's worth.
-    op_max_at_open: u64,
+    /// The entries (op, checksum) the journal held above the executed prefix when this process
+    /// opened it. The process before may have executed, and tracers counted, any of them: the
+    /// superblock's commit trails execution by up to a snapshot interval, so they run again
+    /// once the cluster's commit reaches them, and fire no execution probe then. Those it had
+    /// journaled but not executed go uncounted, at most a pipeline's worth; an op number that
+    /// commits with another entry (of a later view) is counted.
+    journaled_at_open: std::collections::BTreeMap<u64, u64>,
     reply_latencies_ns: Vec<u64>,
     outbox: Vec<Outgoing>,
 }
@@ -605,6 +606,9 @@ impl<S: Storage> Replica<S> {
             // committed, and every op up to it must be durable by then.
             let started = std::time::Instant::now();
             checkpoint_file::write(&mut self.storage, id.slot, &state)?;
+            if id.slot != self.superblock.checkpoint.slot {
+                self.state_transfer.previous = self.superblock.checkpoint;
+            }
             self.superblock.checkpoint = id;
             self.superblock_dirty = true;
             // Ops of the interval before the checkpoint stay for peers that lag a little.

@@ -423,7 +423,11 @@ impl<S: Storage> Replica<S> {
         }
         self.last_heard_primary_ns = now_ns;
         self.commit_max = self.commit_max.max(header.commit);
-        if header.op > self.op {
+        if header.op > self.commit.saturating_add(self.config.op_ahead_max) {
+            // So far behind that the head's Prepare would be refused: ask for the next op to
+            // execute, which a peer that compacted it answers with its checkpoint.
+            self.request_repair(now_ns, self.commit + 1, Some(header.replica));
+        } else if header.op > self.op {
             // We missed prepares: fetch the primary's head, then repair down the chain.
             self.request_repair(now_ns, header.op, Some(header.replica));
         }
@@ -454,7 +458,10 @@ impl<S: Storage> Replica<S> {
             entry.parent, self.commit_checksum,
             "ops execute along the chain"
         );
-        let traced = execution == Execution::Commit && entry.op > self.op_max_at_open;
+        // An op the previous process journaled may have executed there; the same op number
+        // with another entry (of a later view) never did.
+        let journaled_before = self.journaled_at_open.remove(&entry.op) == Some(entry.checksum);
+        let traced = execution == Execution::Commit && !journaled_before;
         let replica_id = self.config.replica;
         // Only a forged Prepare can carry a body that passes its checksum and does not decode
         // (a primary encodes every batch). Every replica executes the same bytes, so each one
@@ -687,5 +694,29 @@ mod tests {
             Message::new(prepare, near.body.clone()),
         );
         assert_eq!(backup.op(), 1000, "{}", backup.describe());
+    }
+
+    #[test]
+    fn a_backup_too_far_behind_for_the_head_asks_for_its_next_op() {
+        let mut config = Config::new(1, 1, 3);
+        config.op_ahead_max = 1000;
+        let mut storage = MemoryStorage::default();
+        Replica::format(&config, &mut storage, false).unwrap();
+        let mut backup = Replica::open(config, storage, 0).unwrap();
+        let mut commit = Header::new(Command::Commit, 1, 0);
+        commit.op = 5000;
+        commit.commit = 5000;
+        backup.on_message(1, Source::Replica(0), Message::new(commit, Bytes::new()));
+        let asked: Vec<u64> = backup
+            .flush(1)
+            .unwrap()
+            .iter()
+            .filter_map(|outgoing| Message::decode(&outgoing.frame, 1).ok())
+            .filter(|message| message.header.command == Command::RequestPrepare)
+            .map(|message| message.header.op)
+            .collect();
+        // The head's Prepare would be refused as out of the window; op 1 is answered by a
+        // peer's journal or, once compacted, its checkpoint.
+        assert_eq!(asked, vec![1]);
     }
 }

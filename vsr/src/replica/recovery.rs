@@ -70,7 +70,6 @@ impl<S: Storage> Replica<S> {
             config.replica_count,
         )?;
         let (journal, scan) = Journal::open(&mut storage, opened.state.journal_start)?;
-        let op_max_at_open = journal.op_max();
         let replica_id = config.replica;
         for _ in 0..opened.corrupt_copies {
             probe::checksum_failure(|| (replica_id, Component::Superblock as u8, 0));
@@ -130,7 +129,7 @@ impl<S: Storage> Replica<S> {
             repair: RepairState::default(),
             state_transfer: Default::default(),
             scrub: Default::default(),
-            op_max_at_open,
+            journaled_at_open: BTreeMap::new(),
             reply_latencies_ns: Vec::new(),
             outbox: Vec::new(),
         };
@@ -146,9 +145,10 @@ impl<S: Storage> Replica<S> {
         if !checkpoint_loaded && !journal_whole && replica.config.replica_count == 1 {
             return Err(OpenError::StateLost);
         }
-        let state_certain = replica.replay_journal(&scan)?
-            && opened.corrupt_copies == 0
-            && (checkpoint_loaded || journal_whole);
+        let journal_vouches = replica.replay_journal(&scan)?;
+        replica.remember_journaled_ops();
+        let state_certain =
+            journal_vouches && opened.corrupt_copies == 0 && (checkpoint_loaded || journal_whole);
         // Committed ops that a checkpoint covers were not replayed, so nothing repaired them:
         // peers may still ask for them, so they are fetched again (counted above, once).
         let covered: Vec<u64> = scan
@@ -244,6 +244,16 @@ impl<S: Storage> Replica<S> {
             self.chain_low = op_max - 1;
         }
         Ok(head_certain)
+    }
+
+    /// Notes the entries the journal holds above the executed prefix: the process before may
+    /// have executed, and tracers counted, any of them (the superblock's commit trails
+    /// execution by up to a snapshot interval).
+    fn remember_journaled_ops(&mut self) {
+        let above_commit = self.entries.values().chain(self.candidates.values());
+        self.journaled_at_open = above_commit
+            .map(|entry| (entry.op, entry.checksum))
+            .collect();
     }
 
     /// Takes part again in the durable view: as its primary (re-collecting votes for the ops it

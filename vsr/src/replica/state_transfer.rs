@@ -46,6 +46,9 @@ pub(super) struct StateTransferState {
     pub(super) transfer: Option<Transfer>,
     /// Checkpoints installed from peers since this replica opened.
     installed: u64,
+    /// The checkpoint the newest one superseded: intact in the other slot until the next one
+    /// is written, so a peer midway through fetching it can finish.
+    pub(super) previous: CheckpointId,
     /// When each peer was last offered this replica's checkpoint: a lagging peer asks for a
     /// window of ops at once, and one offer answers them all.
     offered_ns: [Option<u64>; REPLICAS_MAX as usize],
@@ -69,12 +72,11 @@ impl<S: Storage> Replica<S> {
             offered_ns.is_some_and(|at| now_ns.saturating_sub(at) < self.config.retry_interval_ns);
         if op <= self.superblock.checkpoint.op && !offered_recently {
             *offered_ns = Some(now_ns);
-            self.send_checkpoint_chunk(to, 0);
+            self.send_checkpoint_chunk(to, self.superblock.checkpoint, 0);
         }
     }
 
-    fn send_checkpoint_chunk(&mut self, to: u8, offset: u64) {
-        let id = self.superblock.checkpoint;
+    fn send_checkpoint_chunk(&mut self, to: u8, id: CheckpointId, offset: u64) {
         if id.op == 0 || offset >= id.size_bytes {
             return;
         }
@@ -110,13 +112,17 @@ impl<S: Storage> Replica<S> {
         if self.status == Status::Recovering {
             return;
         }
-        // A peer still asking for an older checkpoint gets the start of ours.
-        let offset = if header.op == self.superblock.checkpoint.op {
-            header.commit
+        // A peer fetching the checkpoint this one superseded may finish it; one asking for an
+        // older one gets the start of ours.
+        let (current, previous) = (self.superblock.checkpoint, self.state_transfer.previous);
+        let (id, offset) = if header.op == current.op {
+            (current, header.commit)
+        } else if header.op == previous.op && previous.op > 0 {
+            (previous, header.commit)
         } else {
-            0
+            (current, 0)
         };
-        self.send_checkpoint_chunk(header.replica, offset);
+        self.send_checkpoint_chunk(header.replica, id, offset);
     }
 
     pub(super) fn on_checkpoint(
