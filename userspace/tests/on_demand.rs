@@ -143,7 +143,10 @@ fn rename(from: &Path, to: &Path) {
 fn a_failed_on_demand_attach_is_exported_and_retried() {
     let cluster = Cluster::start("on-demand-failure", 1, &["--snapshot-interval-ms", "100"]);
     let semaphore = Semaphore::of(cluster.pid(0), "commit_execute");
-    let serve = serve_on_demand(&cluster, "0.2");
+    // Longer than a detach elsewhere on the machine can stall a scrape (the kernel unregisters
+    // uprobes one at a time under one lock, seconds for a whole replica): the load below must
+    // not see this vsrscope detach while it scrapes every few milliseconds.
+    let serve = serve_on_demand(&cluster, "5");
     let attached = serve.scrape();
     assert!(semaphore.enabled());
     assert_eq!(attached.get("vsrscope_attach_failing"), 0.0);
