@@ -36,9 +36,33 @@ impl Serve {
         arguments: &[&str],
         environment: &[(&str, &str)],
     ) -> Serve {
+        Serve::start_through(&[], directory, arguments, environment)
+    }
+
+    /// Started through `wrapper`, a command that runs the program named after its own arguments
+    /// (`setpriv --reuid=nobody …`, say).
+    pub fn start_wrapped(wrapper: &[&str], directory: &Path, arguments: &[&str]) -> Serve {
+        Serve::start_through(wrapper, directory, arguments, &[])
+    }
+
+    fn start_through(
+        wrapper: &[&str],
+        directory: &Path,
+        arguments: &[&str],
+        environment: &[(&str, &str)],
+    ) -> Serve {
         let address = free_address();
         let log = directory.join(format!("vsrscope-{}.log", address.port()));
-        let child = Command::new(binary("vsrscope"))
+        let vsrscope = binary("vsrscope");
+        let mut command = match wrapper.split_first() {
+            Some((program, wrapper_arguments)) => {
+                let mut command = Command::new(program);
+                command.args(wrapper_arguments).arg(vsrscope);
+                command
+            }
+            None => Command::new(vsrscope),
+        };
+        let child = command
             .arg("serve")
             .args(arguments)
             .arg("--listen")

@@ -15,11 +15,13 @@ use std::path::{Path, PathBuf};
 use aya::maps::Array;
 use aya::programs::UProbe;
 use aya::{Ebpf, include_bytes_aligned};
+use caps::Capability;
 use thiserror::Error;
 use vsrscope_common::histogram::{self, BOUNDS_MAX, Bounds};
 use vsrscope_common::{ARGS_MAX, ArgSpec, SITES_MAX, SiteSpec};
 
 use crate::cookie_slots::CookieSlots;
+use crate::privileges;
 use crate::usdt::{Discovery, Site};
 
 /// The compiled `vsrscope-ebpf` object.
@@ -45,9 +47,13 @@ pub const SEED_BOUNDS_MS: [&[f64]; histogram::COUNT as usize] = [
 #[derive(Debug, Error)]
 pub enum AttachError {
     #[error(
-        "missing privileges to load eBPF programs or open uprobes: run as root, or grant CAP_BPF and CAP_PERFMON ({0})"
+        "missing privileges to load eBPF programs: run as root, or grant CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN); this process lacks {missing} ({error})"
     )]
-    Permission(String),
+    LoadPermission { missing: String, error: String },
+    #[error(
+        "missing privileges to open uprobes: run as root, or grant CAP_SYS_ADMIN (the kernel refuses CAP_PERFMON for uprobe perf events); this process lacks {missing} ({error})"
+    )]
+    UprobePermission { missing: String, error: String },
     #[error("this kernel has no uprobe support (/sys/bus/event_source/devices/uprobe is missing)")]
     NoUprobes,
     #[error("loading the eBPF programs: {0}")]
@@ -84,7 +90,13 @@ fn load_error(error: impl std::error::Error) -> AttachError {
     }
     if text.contains("EPERM") || text.contains("Operation not permitted") || text.contains("EACCES")
     {
-        AttachError::Permission(text)
+        AttachError::LoadPermission {
+            missing: privileges::names(&privileges::missing(&[
+                Capability::CAP_BPF,
+                Capability::CAP_PERFMON,
+            ])),
+            error: text,
+        }
     } else {
         AttachError::Load(text)
     }
@@ -346,7 +358,10 @@ impl Tracer {
         .map_err(load_error)?;
         specs.set(cookie, spec, 0).map_err(load_error)?;
         let uprobe_error = |error: std::io::Error| match error.raw_os_error() {
-            Some(libc::EPERM | libc::EACCES) => AttachError::Permission(error.to_string()),
+            Some(libc::EPERM | libc::EACCES) => AttachError::UprobePermission {
+                missing: privileges::names(&privileges::missing(&[Capability::CAP_SYS_ADMIN])),
+                error: error.to_string(),
+            },
             _ => AttachError::Uprobe {
                 binary: binary.to_path_buf(),
                 probe: site.name.clone(),

@@ -7,6 +7,7 @@ pub mod cookie_slots;
 pub mod liveness;
 pub mod metrics;
 pub mod otlp;
+pub mod privileges;
 pub mod process;
 pub mod snapshot_slots;
 pub mod statsd;

@@ -20,7 +20,7 @@ use vsrscope::metrics::{
 use vsrscope::otlp::{OtlpEncoder, OtlpExporter, OtlpFlags, OtlpSettings, ReplicaProcess};
 use vsrscope::statsd::StatsdEncoder;
 use vsrscope::web::{Endpoint, Scrape, WebConfig};
-use vsrscope::{build_info, process, usdt};
+use vsrscope::{build_info, privileges, process, usdt};
 use vsrscope_common::histogram::BOUNDS_MAX;
 
 #[derive(Debug, Parser)]
@@ -395,7 +395,10 @@ fn plan(targets: &Targets) -> anyhow::Result<Plan> {
     if plan.is_empty() {
         let pids = process::find_by_name("vsr-replica");
         if pids.is_empty() {
-            bail!("no running vsr-replica found; give --pid or --binary");
+            bail!(
+                "no running vsr-replica found (another user's are seen only with CAP_SYS_PTRACE); \
+                 give --pid or --binary"
+            );
         }
         let mut binaries: Vec<PathBuf> = pids
             .iter()
@@ -681,36 +684,48 @@ fn serve(targets: &Targets, options: ServeOptions) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    // Bound before capabilities are lowered: a port below 1024 needs CAP_NET_BIND_SERVICE.
+    let listener = runtime
+        .block_on(TcpListener::bind(listen))
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let shared = Arc::new(Mutex::new(Shared {
+        tracer,
+        plan,
+        idle_timeout,
+        last_scrape: Instant::now(),
+        bounds_ms,
+        window: QuantileWindow::new(window),
+        stale_after,
+        attached_ns: clock_ns(libc::CLOCK_MONOTONIC),
+        up: BTreeMap::new(),
+        samples: BTreeMap::new(),
+        resources: BTreeMap::new(),
+        state: ExporterState::default(),
+    }));
+    // The attaching thread starts with every capability vsrscope was given and ends once
+    // attached; this thread, and every thread it starts from here on, holds only what serving
+    // still needs (privileges.rs).
+    let attaching = idle_timeout
+        .is_none()
+        .then(|| attach_in_background(shared.clone()));
+    let kept = privileges::keep_only(&privileges::needed_after_attach(idle_timeout.is_some()))?;
     runtime.block_on(async move {
-        let listener = TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("cannot listen on {listen}"))?;
-        let shared = Arc::new(Mutex::new(Shared {
-            tracer,
-            plan,
-            idle_timeout,
-            last_scrape: Instant::now(),
-            bounds_ms,
-            window: QuantileWindow::new(window),
-            stale_after,
-            attached_ns: clock_ns(libc::CLOCK_MONOTONIC),
-            up: BTreeMap::new(),
-            samples: BTreeMap::new(),
-            resources: BTreeMap::new(),
-            state: ExporterState::default(),
-        }));
         // Served while attaching: /-/healthy answers, /-/ready and /metrics say 503 until then.
         let endpoint = Arc::new(Endpoint::new(Scraper(shared.clone()), web));
         let scheme = endpoint.scheme();
         tokio::spawn(endpoint.clone().serve(listener));
-        if idle_timeout.is_some() {
-            eprintln!("vsrscope: on demand: attaching at the first scrape");
-        } else {
-            // Attaching takes a while with many sites; off the async thread, the endpoint
-            // answers meanwhile.
-            let attaching = shared.clone();
-            tokio::task::spawn_blocking(move || attaching.lock().unwrap().ensure_attached())
-                .await??;
+        match attaching {
+            Some(attaching) => {
+                attaching.await?;
+                eprintln!(
+                    "vsrscope: capabilities kept after attaching: {}",
+                    privileges::names(&kept)
+                );
+            }
+            None => eprintln!(
+                "vsrscope: on demand: attaching at the first scrape; capabilities kept: {}",
+                privileges::names(&kept)
+            ),
         }
         endpoint.set_ready();
         eprintln!("vsrscope: serving {scheme}://{listen}/metrics");
@@ -798,6 +813,28 @@ fn serve(targets: &Targets, options: ServeOptions) -> anyhow::Result<()> {
         eprintln!("vsrscope: detached");
         Ok(())
     })
+}
+
+/// Attaches on a thread of its own, so the endpoint answers meanwhile. The thread keeps the
+/// capabilities it started with; the future resolves once it attached and exited, so no thread
+/// holds them afterwards.
+fn attach_in_background(
+    shared: Arc<Mutex<Shared>>,
+) -> impl std::future::Future<Output = anyhow::Result<()>> {
+    let (done, attached) = tokio::sync::oneshot::channel();
+    let thread = std::thread::spawn(move || {
+        let _ = done.send(shared.lock().unwrap().ensure_attached());
+    });
+    async move {
+        let result = attached
+            .await
+            .context("the attaching thread ended without an answer")?;
+        // It sent its last message: joining waits only for its exit.
+        thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the attaching thread panicked"))?;
+        result
+    }
 }
 
 /// On-demand mode: detaches as soon as `timeout` passed without a scrape, on its own timer so

@@ -23,7 +23,11 @@ pub fn executable(pid: u32) -> Result<PathBuf, ProcessError> {
     }
     std::fs::read_link(&link).map_err(|error| ProcessError::Unreadable {
         pid,
-        reason: format!("{link}: {error}"),
+        reason: if error.kind() == std::io::ErrorKind::PermissionDenied {
+            format!("{link}: {error} (another user's process: needs CAP_SYS_PTRACE)")
+        } else {
+            format!("{link}: {error}")
+        },
     })
 }
 
