@@ -428,6 +428,10 @@ fn bad_configuration_gets_a_clear_error() {
     let formatted = format(data_argument, "0", "1");
     assert!(formatted.status.success(), "{formatted:?}");
     assert_clear_failure(&format(data_argument, "0", "1"), "already holds a replica");
+    assert_clear_failure(
+        &start(&single, data_argument, &["--checkpoint-interval-ops", "0"]),
+        "checkpoint interval must be at least 1",
+    );
     // A data directory formatted for one cluster is refused by another, and by another shape.
     assert_clear_failure(
         &start(&single, data_argument, &["--cluster", "2"]),
